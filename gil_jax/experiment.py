@@ -1,0 +1,86 @@
+"""Builds an experiment's data, stage plan and vocabulary from a config (host side)."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from gil_jax.data import anndata_io, simulate, stages
+from gil_jax.data.anndata_io import DataError
+from gil_jax.data.vocab import GeneVocab
+
+
+def _split(s: str) -> list[str]:
+  return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def resolve_path(name: str, data_dir: str) -> str:
+  if os.path.isabs(name) or os.path.exists(name):
+    return name
+  return os.path.join(data_dir, name if name.endswith(".h5ad") else name + ".h5ad")
+
+
+def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
+  """The experiment's cells: the embedded simulator or `.h5ad` files (see config.data)."""
+  d = config.data
+  if d.source == "synthetic":
+    return simulate.simulate_cell_data(simulate.SimConfig(**d.sim.to_dict()))
+  if d.source != "h5ad":
+    raise DataError(f"unknown config.data.source {d.source!r}; use 'synthetic' or 'h5ad'")
+  files = _split(d.files)
+  if not files:
+    raise DataError("config.data.source='h5ad' needs config.data.files (comma-separated .h5ad "
+                    "names under config.data.data_dir, or paths)")
+  if not os.path.isdir(d.data_dir) and not all(os.path.isabs(f) for f in files):
+    raise DataError(f"data directory {d.data_dir!r} does not exist; pass "
+                    "--config.data.data_dir=/path/to/shared/data")
+  require_counts = config.train.likelihood in ("poisson", "nb")
+  datas = [anndata_io.read_h5ad(resolve_path(f, d.data_dir), layer=d.layer or None,
+                                gene_column=d.gene_column or None,
+                                require_counts=require_counts) for f in files]
+  return datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(files))
+
+
+def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> stages.StagePlan:
+  s = config.stages
+  order = _split(s.order) or None
+  if s.plan == "random":
+    plan = stages.random_gene_plan(
+        data, n_stages=s.n_stages, base_fraction=s.base_fraction, eval_fraction=s.eval_fraction,
+        seed=config.seed, base_stage=s.base_stage, obs_column=s.obs_column or None,
+        obs_values=order)
+  elif s.plan == "dataset_stream":
+    plan = stages.dataset_stream_plan(data, order=order, eval_fraction=s.eval_fraction,
+                                      seed=config.seed)
+  else:
+    raise ValueError(f"unknown config.stages.plan {s.plan!r}; known: random, dataset_stream")
+  plan.check(data)
+  return plan
+
+
+def check_capacity(plan: stages.StagePlan, capacity: int) -> None:
+  """Fails before training when the plan's genes cannot fit in the gene table."""
+  vocab = GeneVocab(capacity)
+  for k, stage in enumerate(plan.stages):
+    vocab.activate(stage.new_genes, k)
+  del vocab
+
+
+def stage_vocab(plan: stages.StagePlan, capacity: int, upto: int) -> GeneVocab:
+  """The vocabulary after activating stages 0..upto (deterministic from the plan)."""
+  vocab = GeneVocab(capacity)
+  for k, stage in enumerate(plan.stages[:upto + 1]):
+    vocab.activate(stage.new_genes, k)
+  return vocab
+
+
+def seen_genes(plan: stages.StagePlan, upto: int) -> list[str]:
+  """B ∪ T_1 ∪ ... ∪ T_upto: every gene trained on up to stage `upto`, in first-seen order."""
+  out, seen = [], set()
+  for stage in plan.stages[:upto + 1]:
+    for g in stage.train_genes:
+      if g not in seen:
+        seen.add(g)
+        out.append(g)
+  return out

@@ -1,0 +1,141 @@
+"""Shared model parts: the per-gene parameter table, attention and small MLP helpers.
+
+Conventions: masks are booleans (True = valid key); params are float32, activations use the
+module's compute ``dtype``; softmax always runs in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GENES = "genes"   # name of the one top-level submodule holding every per-gene parameter
+LN_EPS = 1e-5     # PyTorch's LayerNorm eps (both reference implementations are PyTorch)
+
+Dtype = Any
+Array = jax.Array
+
+
+def _key_name(k: Any) -> str:
+  """A path entry as a string: plain str, or a jax DictKey / GetAttrKey."""
+  for attr in ("key", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def is_gene_param(path: Sequence[Any]) -> bool:
+  """True for params under the top-level ``genes`` submodule (leading dim = gene capacity).
+
+  Accepts a tuple of names (``flax.traverse_util.flatten_dict``) or a jax key path
+  (``jax.tree_util.tree_map_with_path``); a leading ``'params'`` collection name is skipped.
+  """
+  names = [_key_name(k) for k in path]
+  if names and names[0] == "params":
+    names = names[1:]
+  return bool(names) and names[0] == GENES
+
+
+def compute_dtype(name: str) -> Dtype:
+  """'float32' | 'bfloat16' -> jnp dtype."""
+  table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if name not in table:
+    raise ValueError(f"unknown model dtype {name!r}; known: {sorted(table)}")
+  return table[name]
+
+
+class GeneTable(nn.Module):
+  """All per-gene parameters; every one has leading dimension ``capacity``.
+
+  ``embedding`` [capacity, features] (N(0, init_std)); ``log_theta`` [capacity] (NB
+  inverse-dispersion, init 0 = theta 1) when ``with_theta``. Lookups are plain gathers, so rows
+  absent from a batch get exactly zero gradient; out-of-range ids give NaN (bug, not silence).
+  """
+  capacity: int
+  features: int
+  with_theta: bool = False
+  init_std: float = 0.02
+
+  def setup(self):
+    self.embedding = self.param("embedding", nn.initializers.normal(self.init_std),
+                                (self.capacity, self.features), jnp.float32)
+    if self.with_theta:
+      self.log_theta = self.param("log_theta", nn.initializers.zeros, (self.capacity,),
+                                  jnp.float32)
+
+  def embed(self, ids: Array) -> Array:
+    """float32[..., features] rows for int ``ids``."""
+    return jnp.take(self.embedding, ids, axis=0, mode="fill")
+
+  def theta(self, ids: Array) -> Array:
+    """float32[...] NB log-theta for ``ids`` (requires ``with_theta``)."""
+    return jnp.take(self.log_theta, ids, axis=0, mode="fill")
+
+
+def attend(q: Array, k: Array, v: Array, key_mask: Array | None, *, dropout_rate: float = 0.0,
+           dropout_rng: Array | None = None) -> Array:
+  """Multi-head softmax attention with a boolean key mask.
+
+  q [B, Q, H, D], k/v [B, K, H, D], key_mask bool [B, K] (True = attend) or None. Same math as
+  ``jax.nn.dot_product_attention``'s XLA path (float32 logits and softmax), plus optional dropout
+  on the attention probabilities. A query row with no valid key returns exactly 0 (no NaN, and no
+  dependence on the masked keys).
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (q.shape[-1] ** -0.5)
+  if key_mask is not None:
+    m = key_mask[:, None, None, :]
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if key_mask is not None:
+    probs = jnp.where(m, probs, 0.0)  # all-masked rows: uniform -> exactly 0
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with fused projections (one matmul for qkv, or q and one for kv).
+
+  Self-attention when ``kv`` is None. ``key_mask`` bool [B, K]. Dropout (``dropout_rate``) is
+  applied to the attention probabilities, as in PyTorch's ``nn.MultiheadAttention``.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, kv: Array | None, key_mask: Array | None, train: bool) -> Array:
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"d_model {d} not divisible by n_heads {self.num_heads}")
+    heads = (self.num_heads, d // self.num_heads)
+    dense = lambda feats, name: nn.DenseGeneral(feats, dtype=self.dtype, name=name)
+    if kv is None:
+      q, k, v = jnp.moveaxis(dense((3,) + heads, "qkv")(x), -3, 0)
+    else:
+      q = dense(heads, "q")(x)
+      k, v = jnp.moveaxis(dense((2,) + heads, "kv")(kv), -3, 0)
+    use_dropout = train and self.dropout_rate > 0.0
+    out = attend(q, k, v, key_mask, dropout_rate=self.dropout_rate,
+                 dropout_rng=self.make_rng("dropout") if use_dropout else None)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+
+class MLP(nn.Module):
+  """Dense stack: ``features[:-1]`` hidden layers with ``act``, then a linear output layer."""
+  features: Sequence[int]
+  act: Callable[[Array], Array] = nn.gelu
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for i, f in enumerate(self.features):
+      x = nn.Dense(f, dtype=self.dtype, name=f"dense_{i}")(x)
+      if i < len(self.features) - 1:
+        x = self.act(x)
+    return x

@@ -1,0 +1,82 @@
+"""GIL paper backbone: scGPT-style gene-token transformer (gil.md §1.3, JAX/Flax mapping notes).
+
+token = gene_emb + MLP(value), value = -1 at pred positions and 0 at padding (clamped at 512);
+a learned CLS token is prepended (its own param, not a gene row); no positional encoding, no input
+LayerNorm/dropout; post-LN encoder layers (LN eps 1e-5, ReLU FFN of width ``ffn_dim``, dropout on
+attention probabilities, attention output and FFN as in PyTorch); key padding mask from
+``token_mask`` (CLS always valid). cell_emb = CLS output (E = d_model).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gil_jax.models.common import GENES, LN_EPS, MLP, Array, Attention, Dtype, GeneTable
+
+VALUE_CLIP = 512.0
+MASK_VALUE = -1.0
+
+
+class PostLNLayer(nn.Module):
+  """PyTorch ``TransformerEncoderLayer`` (post-LN, ReLU): x = LN(x + SA(x)); x = LN(x + FFN(x))."""
+  num_heads: int
+  ffn_dim: int
+  dropout_rate: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: Array, key_mask: Array, train: bool) -> Array:
+    d = x.shape[-1]
+    drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+    h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
+        x, None, key_mask, train)
+    x = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="ln_attn")(x + drop(h))
+    h = nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype, name="ffn_in")(x))
+    h = nn.Dense(d, dtype=self.dtype, name="ffn_out")(drop(h))
+    return nn.LayerNorm(LN_EPS, dtype=self.dtype, name="ln_ffn")(x + drop(h))
+
+
+class Transformer(nn.Module):
+  """GIL transformer. Returns {'pred', 'cell_emb', ('mvc' if use_mvc), ('log_theta' for nb)}."""
+  capacity: int
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  ffn_dim: int = 64
+  dropout: float = 0.1
+  use_mvc: bool = False
+  likelihood: str = "mse"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, gene_ids: Array, values: Array, token_mask: Array, pred_mask: Array,
+               train: bool) -> dict[str, Array]:
+    d, dt = self.d_model, self.dtype
+    leaky = lambda x: nn.leaky_relu(x, 0.01)
+    genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb", name=GENES)
+    emb = genes.embed(gene_ids)                                   # [B, N, d] float32
+    v = jnp.where(pred_mask, MASK_VALUE, jnp.where(token_mask, values, 0.0))
+    v = jnp.minimum(v, VALUE_CLIP).astype(dt)[..., None]
+    x = emb.astype(dt) + MLP((d, d), act=nn.relu, dtype=dt, name="value_encoder")(v)
+
+    b = gene_ids.shape[0]
+    cls = self.param("cls_token", nn.initializers.normal(0.02), (d,), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, d)), x], axis=1)
+    key_mask = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)
+    for i in range(self.n_layers):
+      x = PostLNLayer(self.n_heads, self.ffn_dim, self.dropout, dt, name=f"layer_{i}")(
+          x, key_mask, train)
+
+    cell_emb = x[:, 0]
+    pred = MLP((d, d, 1), act=leaky, dtype=dt, name="value_head")(x[:, 1:])[..., 0]
+    result = {"pred": pred.astype(jnp.float32), "cell_emb": cell_emb.astype(jnp.float32)}
+    if self.use_mvc:
+      query = MLP((d, d, d), act=leaky, dtype=dt, name="mvc_head")(
+          jax.lax.stop_gradient(emb).astype(dt))
+      result["mvc"] = jnp.einsum("bnd,bd->bn", query, cell_emb,
+                                 preferred_element_type=jnp.float32)
+    if self.likelihood == "nb":
+      result["log_theta"] = genes.theta(gene_ids)
+    return result

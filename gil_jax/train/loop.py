@@ -1,0 +1,272 @@
+"""The stage loop: `train_and_evaluate(config, workdir)` runs, checkpoints and resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from gil_jax import checkpoint, experiment, parallel
+from gil_jax.batch import Batch, empty_batch
+from gil_jax.data import batching, stages
+from gil_jax.data.vocab import GeneVocab
+from gil_jax.eval import regression, report
+from gil_jax.losses import objectives, registry
+from gil_jax.losses.transforms import StageEnd
+from gil_jax.models import build_model
+from gil_jax.train.state import TrainState, init_state, make_optimizer
+from gil_jax.train.step import make_regression_eval_step, make_train_step
+
+log = logging.getLogger("gil_jax")
+
+
+@dataclasses.dataclass
+class Feed:
+  """Host-side context handed to transforms that add extra inputs (e.g. a replay batch)."""
+  data: Any
+  plan: stages.StagePlan
+  vocab: GeneVocab
+  spec: batching.BatchSpec
+  seed: int
+  stage: int
+  step: int
+
+
+class Runner:
+  """Holds the compiled functions and static pieces of one experiment (no mutable train state)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, data, plan: stages.StagePlan):
+    self.config, self.data, self.plan = config, data, plan
+    self.capacity = config.genes.capacity
+    self.mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_divisible(config.batch.batch_size, self.mesh)
+    parallel.check_batch_divisible(config.eval.batch_size, self.mesh, "config.eval.batch_size")
+    self.spec = batching.BatchSpec(
+        batch_size=config.batch.batch_size, n_tokens=config.batch.n_tokens,
+        mask_ratio=config.batch.mask_ratio, normalisation=config.batch.normalisation,
+        sampling=config.batch.sampling, zero_tokens=config.batch.zero_tokens)
+    self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
+    self.likelihood = config.train.likelihood
+    self.model = build_model(config.model, self.capacity, self.likelihood)
+    self.tx = make_optimizer(config.train)
+    self.transform = registry.build(config)
+    self.task_loss = objectives.make_task_loss(self.model, self.likelihood)
+    self.loss_fn = self.transform.wrap(self.task_loss)
+
+    state = self.init_state()
+    self.state_sharding = parallel.state_shardings(self.mesh, state, self.capacity)
+    self.repl = parallel.replicated(self.mesh)
+    self._state0 = state
+    inputs = self.inputs_for(state, empty_batch(self.spec.batch_size, self.spec.n_tokens),
+                             feed=None)
+    self.inputs_sharding = parallel.batch_shardings(self.mesh, inputs)
+    self.train_step = jax.jit(make_train_step(self.loss_fn, self.tx),
+                              in_shardings=(self.state_sharding, self.inputs_sharding),
+                              out_shardings=(self.state_sharding, self.repl),
+                              donate_argnums=0)
+    n_groups = len(plan.stages)
+    eval_batch = empty_batch(self.eval_spec.batch_size, self.spec.n_tokens)
+    self.eval_step = jax.jit(
+        make_regression_eval_step(self.model, self.likelihood, self.spec.normalisation, n_groups),
+        in_shardings=(self.state_sharding.params,
+                      parallel.batch_shardings(self.mesh, eval_batch), self.repl, self.repl),
+        out_shardings=(self.repl, self.repl))
+
+  def init_state(self) -> TrainState:
+    key = jax.random.PRNGKey(self.config.seed)
+    init_key, dropout_key, state_key = jax.random.split(key, 3)
+    b = empty_batch(self.spec.batch_size, self.spec.n_tokens)
+    params = self.model.init({"params": init_key, "dropout": dropout_key}, b.gene_ids, b.values,
+                             b.token_mask, b.pred_mask, False)["params"]
+    return init_state(params, self.tx, self.transform.init(params), state_key, self.capacity)
+
+  def initial_state(self) -> TrainState:
+    return jax.device_put(self._state0, self.state_sharding)
+
+  def inputs_for(self, state, batch: Batch, feed: Feed | None) -> dict:
+    inputs = {"main": batch}
+    if self.transform.extra_inputs is not None:
+      inputs.update(self.transform.extra_inputs(state.transforms, feed))
+    return inputs
+
+  def put(self, tree, sharding):
+    return jax.device_put(tree, sharding)
+
+  def set_active(self, state: TrainState, mask: np.ndarray) -> TrainState:
+    return state.replace(active_genes=jax.device_put(jnp.asarray(mask), self.state_sharding.active_genes))
+
+  def reset_optimizer(self, state: TrainState) -> TrainState:
+    opt_state = jax.device_put(self.tx.init(state.params), self.state_sharding.opt_state)
+    return state.replace(opt_state=opt_state)
+
+  def steps_for(self, stage: stages.Stage) -> int:
+    t = self.config.train
+    if t.steps_per_stage > 0:
+      return int(t.steps_per_stage)
+    return int(t.epochs_per_stage * math.ceil(len(stage.train_cells) / self.spec.batch_size))
+
+  def regression_row(self, params, vocab: GeneVocab, upto: int, active) -> list[float | None]:
+    """MSE on each stage's genes (stages 0..upto) after training stage `upto`."""
+    cols = stages.eval_columns(self.data, vocab, experiment.seen_genes(self.plan, upto))
+    stage_rows = [vocab.rows(s.eval_genes) for s in self.plan.stages[:upto + 1]]
+    row_group = regression.stage_row_groups(self.capacity, stage_rows)
+    batches = (self.put(b, self.eval_step_batch_sharding()) for b in batching.eval_batches(
+        self.data, self.plan.eval_cells, cols, self.eval_spec, self.config.eval.mask_seed))
+    mse = regression.pooled_mse(self.eval_step, params, batches, active,
+                                self.put(jnp.asarray(row_group), self.repl), len(self.plan.stages))
+    return [mse[j] if j <= upto else None for j in range(len(self.plan.stages))]
+
+  def eval_step_batch_sharding(self):
+    return parallel.batch_shardings(self.mesh, empty_batch(1, 1))
+
+
+def _new_results(config, plan: stages.StagePlan) -> dict:
+  n = len(plan.stages)
+  names = [s.name for s in plan.stages]
+  return {"experiment": config.experiment, "method": config.method,
+          "transforms": registry.transform_names(config), "stages": [],
+          "gene_regression": {"stage_names": names, "matrix": [[None] * n for _ in range(n)]},
+          "forgetting": {"per_stage": [None] * n, "average": None}}
+
+
+def _meta(config, plan, vocab, results, progress) -> dict:
+  return {"experiment": config.experiment, "fingerprint": checkpoint.fingerprint(config),
+          "config": checkpoint.config_for_fingerprint(config), "plan": plan.to_json(),
+          "vocab": vocab.to_json(), "results": results, "progress": progress}
+
+
+def _setup_logging(workdir: str) -> None:
+  handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  log.handlers = [h for h in log.handlers if not isinstance(h, logging.FileHandler)] + [handler]
+  log.setLevel(logging.INFO)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_steps: int | None = None, progress_bar: bool = True) -> dict:
+  """Runs (or resumes) every stage of a gene-incremental experiment; returns results.json.
+
+  `stop_after_steps` stops (after checkpointing) once that many train steps ran in this call;
+  tests use it to simulate an interruption.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  _setup_logging(workdir)
+  registry.transform_names(config)  # unknown method / transform names fail before any work
+  data = experiment.load_data(config)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  ckpt.check_same_experiment(config)
+  latest = ckpt.latest_step()
+  if latest is None:
+    plan = experiment.build_plan(config, data)
+    experiment.check_capacity(plan, config.genes.capacity)
+    progress = {"stage": 0, "step_in_stage": 0, "stage_done": False, "seconds": 0.0}
+    results = _new_results(config, plan)
+  else:
+    meta = ckpt.read_meta(latest)
+    plan = stages.StagePlan.from_json(meta["plan"])
+    progress, results = meta["progress"], meta["results"]
+    log.info("resuming from checkpoint step %d: %s", latest, progress)
+
+  runner = Runner(config, data, plan)
+  state = runner.initial_state()
+  if latest is not None:
+    state, _ = ckpt.restore(latest, checkpoint.abstract_like(state))
+
+  first = progress["stage"] + (1 if progress["stage_done"] else 0)
+  steps_run = 0
+  try:
+    for k in range(first, len(plan.stages)):
+      stage = plan.stages[k]
+      vocab = experiment.stage_vocab(plan, config.genes.capacity, k)
+      resuming = progress["stage"] == k and not progress["stage_done"] and progress["step_in_stage"] > 0
+      start = progress["step_in_stage"] if resuming else 0
+      stage_seconds = progress["seconds"] if resuming else 0.0
+      if not resuming:
+        state = runner.set_active(state, vocab.active_mask(k))
+        if config.train.reset_opt_state and k > 0:
+          state = runner.reset_optimizer(state)
+      n_steps = runner.steps_for(stage)
+      cols = stages.stage_columns(data, vocab, stage)
+      feed = Feed(data, plan, vocab, runner.spec, config.seed, k, start)
+      losses: list[float] = []
+      cells, t_measure, t0 = 0, 0.0, time.time()
+      bar = tqdm(total=n_steps, initial=start, desc=f"stage {k} {stage.name}", leave=True,
+                 disable=not progress_bar, dynamic_ncols=True)
+      for step, batch in batching.stage_batches(data, stage.train_cells, cols, runner.spec,
+                                                config.seed, k, start, n_steps - start):
+        feed.step = step
+        inputs = runner.put(runner.inputs_for(state, batch, feed), runner.inputs_sharding)
+        t_step = time.time()
+        state, metrics = runner.train_step(state, inputs)
+        if (step + 1) % config.train.log_every == 0 or step + 1 == n_steps:
+          metrics = jax.device_get(metrics)
+          losses.append(float(metrics["loss"]))
+          bar.set_postfix({k_.split("/")[-1]: f"{float(v):.4f}" for k_, v in metrics.items()
+                           if k_.startswith("loss")} | {"cells/s": f"{cells / max(t_measure, 1e-9):.0f}"})
+        if step > start:  # the first step of a call includes compilation
+          jax.block_until_ready(state.step)
+          cells += int(np.sum(batch.cell_mask))
+          t_measure += time.time() - t_step
+        bar.update(1)
+        steps_run += 1
+        done_in_stage = step + 1
+        if done_in_stage < n_steps and (done_in_stage % config.train.checkpoint_every == 0 or
+                                        steps_run == stop_after_steps):
+          progress = {"stage": k, "step_in_stage": done_in_stage, "stage_done": False,
+                      "seconds": stage_seconds + time.time() - t0}
+          ckpt.save(int(state.step), state, _meta(config, plan, vocab, results, progress))
+        if steps_run == stop_after_steps and done_in_stage < n_steps:
+          bar.close()
+          return results
+      bar.close()
+      stage_seconds += time.time() - t0
+
+      end = StageEnd(stage=k, params=state.params, active_genes=state.active_genes,
+                     task_loss=runner.task_loss,
+                     batches=lambda n, k=k, cols=cols, stage=stage: _consolidation_batches(
+                         runner, stage, cols, k, n),
+                     stage_cells=stage.train_cells, stage_rows=cols[cols > 0])
+      state = state.replace(transforms=jax.device_put(
+          runner.transform.consolidate(state.transforms, state.params, end),
+          runner.state_sharding.transforms))
+
+      row = runner.regression_row(state.params, vocab, k, state.active_genes)
+      results["gene_regression"]["matrix"][k] = row
+      final_visible = [set(s.eval_genes) <= set(plan.stages[-1].train_genes) for s in plan.stages]
+      if k == len(plan.stages) - 1:
+        results["forgetting"] = regression.forgetting(results["gene_regression"]["matrix"],
+                                                      final_visible)
+      results["stages"].append({
+          "name": stage.name, "n_train_cells": int(len(stage.train_cells)),
+          "n_active_genes": int(vocab.active_mask(k).sum()),
+          "n_new_genes": len(stage.new_genes), "steps": n_steps,
+          "seconds": round(stage_seconds, 2),
+          "cells_per_s": round(cells / t_measure, 1) if t_measure > 0 else None,
+          "final_train_loss": losses[-1] if losses else None})
+      log.info("stage %d (%s) done: %s", k, stage.name, results["stages"][-1])
+      progress = {"stage": k, "step_in_stage": n_steps, "stage_done": True, "seconds": 0.0}
+      ckpt.save(int(state.step), state, _meta(config, plan, vocab, results, progress))
+  except KeyboardInterrupt:
+    log.warning("interrupted; rerun the same command to resume from the last checkpoint")
+    raise
+  finally:
+    ckpt.close()
+
+  report.write_outputs(workdir, results)
+  return results
+
+
+def _consolidation_batches(runner: Runner, stage, cols, k: int, n: int):
+  """n batches of stage k's training data, for transforms that estimate statistics."""
+  for _, batch in batching.stage_batches(runner.data, stage.train_cells, cols, runner.spec,
+                                         runner.config.seed + 7919, k, 0, n):
+    yield {"main": runner.put(batch, runner.inputs_sharding["main"])}

@@ -1,0 +1,33 @@
+"""Runs a gil_jax experiment: `python launch.py --config configs/X.py --workdir runs/X`.
+
+Override any config field with `--config.a.b=value`; unknown fields are rejected. Rerunning
+with the same workdir resumes at the last checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from gil_jax.train import loop
+from gil_jax.eval import report
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, results.json, report.md, plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  print()
+  print(report.stage_table(results))
+  print()
+  print(report.regression_table(results))
+  print(f"\naverage forgetting Δ: {results['forgetting']['average']}")
+  print(f"results: {FLAGS.workdir}/results.json, report: {FLAGS.workdir}/report.md")
+
+
+if __name__ == "__main__":
+  app.run(main)
