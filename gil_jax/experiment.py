@@ -48,8 +48,8 @@ def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> 
   if s.plan == "random":
     plan = stages.random_gene_plan(
         data, n_stages=s.n_stages, base_fraction=s.base_fraction, eval_fraction=s.eval_fraction,
-        seed=config.seed, base_stage=s.base_stage, obs_column=s.obs_column or None,
-        obs_values=order)
+        seed=config.seed, base_stage=s.base_stage,
+        obs_partition=stages.ObsPartition(s.obs_column, order) if s.obs_column else None)
   elif s.plan == "dataset_stream":
     plan = stages.dataset_stream_plan(data, order=order, eval_fraction=s.eval_fraction,
                                       seed=config.seed)

@@ -16,20 +16,24 @@ DATA, MODEL = "data", "model"
 
 
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
-  """Builds a ('data', 'model') mesh; -1 in one axis means "all remaining devices"."""
+  """Builds a ('data', 'model') mesh.
+
+  -1 in one axis means "all remaining devices"; explicit sizes whose product is smaller than the
+  device count use the first data*model devices.
+  """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   data, model = int(mesh_cfg["data"]), int(mesh_cfg["model"])
   if data == -1 and model == -1:
     raise ValueError("config.mesh: at most one of data/model may be -1")
   if data == -1:
-    data = n // model
-  if model == -1:
-    model = n // data
-  if data * model != n or data < 1 or model < 1:
+    data = n // model if model > 0 and n % model == 0 else 0
+  elif model == -1:
+    model = n // data if data > 0 and n % data == 0 else 0
+  if data < 1 or model < 1 or data * model > n:
     raise ValueError(f"config.mesh data={mesh_cfg['data']} x model={mesh_cfg['model']} does not "
-                     f"factor the {n} available devices; set e.g. --config.mesh.data=-1")
-  return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+                     f"fit the {n} available devices; set e.g. --config.mesh.data=-1")
+  return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA, MODEL))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -64,7 +64,7 @@ class CellData:
     return self.panel[self.dataset_index[cell_idx]]
 
   def to_anndata(self) -> ad.AnnData:
-    """AnnData with X, var_names, obs (incl. 'dataset'); panels kept in varm/uns for a round trip."""
+    """AnnData with X, var_names and obs (incl. "dataset"); panels go to varm/uns (round trip)."""
     obs = self.obs.copy()
     obs["dataset"] = pd.Categorical(np.asarray(self.dataset_names, object)[self.dataset_index],
                                     categories=list(self.dataset_names))
@@ -78,7 +78,7 @@ def _fail_missing_file(path: str) -> None:
   hint = ""
   if not os.path.isabs(path):
     hint = (f" (relative paths are resolved against the working directory {os.getcwd()!r}; "
-            "set the file with `--config.data.path` or point the data-dir flag at the folder)")
+            "set the file with `--config.data.files` and the folder with `--config.data.data_dir`)")
   raise DataError(f"h5ad file not found: {path!r}{hint}.")
 
 

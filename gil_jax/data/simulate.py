@@ -120,8 +120,9 @@ def dataset_names(cfg: SimConfig) -> list[str]:
   return [f"sim{d}" for d in range(cfg.n_datasets)]
 
 
-def simulate(cfg: SimConfig = SimConfig()) -> list[ad.AnnData]:
+def simulate(cfg: SimConfig | None = None) -> list[ad.AnnData]:
   """One AnnData per simulated dataset: integer counts (CSR float32) on its own gene panel."""
+  cfg = cfg or SimConfig()
   _check(cfg)
   counts, cell_type, batch, dataset = _counts(cfg)
   panel = _panels(cfg)
@@ -144,8 +145,9 @@ def simulate(cfg: SimConfig = SimConfig()) -> list[ad.AnnData]:
   return out
 
 
-def simulate_cell_data(cfg: SimConfig = SimConfig()) -> CellData:
+def simulate_cell_data(cfg: SimConfig | None = None) -> CellData:
   """`simulate` read through `from_anndata` and concatenated (cells with no counts dropped)."""
+  cfg = cfg or SimConfig()
   datas = [from_anndata(a, name=n) for a, n in zip(simulate(cfg), dataset_names(cfg))]
   if len(datas) == 1:
     return dataclasses.replace(datas[0], name="sim")

@@ -58,10 +58,10 @@ class StagePlan:
     for s in self.stages:
       if len(s.train_cells) < min_cells:
         raise DataError(f"stage {s.name!r} has {len(s.train_cells)} training cells (< {min_cells})"
-                        f" in data {data.name!r}; change config.stages.cell_ratios / obs_partition "
-                        "or config.data.eval_fraction, or use more cells.")
+                        f" in data {data.name!r}; change cell_ratios, config.stages.obs_column/order "
+                        "or config.stages.eval_fraction, or use more cells.")
       if not s.train_genes:
-        raise DataError(f"stage {s.name!r} has no training genes; check the stage gene lists / "
+        raise DataError(f"stage {s.name!r} has no training genes; check the stage gene lists or "
                         "config.stages.base_fraction.")
       missing = [g for g in (*s.train_genes, *s.eval_genes) if g not in known]
       if missing:
@@ -95,7 +95,7 @@ def _eval_split(n_cells: int, eval_fraction: float, rng: np.random.Generator,
                 groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(eval cells, train pool in random order); split within each group when given."""
   if not 0.0 <= eval_fraction < 1.0:
-    raise DataError(f"eval_fraction={eval_fraction} must be in [0, 1) (config.data.eval_fraction).")
+    raise DataError(f"eval_fraction={eval_fraction} must be in [0, 1) (config.stages.eval_fraction).")
   perm = rng.permutation(n_cells)
   if groups is None:
     n_eval = int(round(eval_fraction * n_cells))
@@ -112,7 +112,7 @@ def _ratio_split(pool: np.ndarray, ratios: Sequence[float]) -> list[np.ndarray]:
   ratios = np.asarray(ratios, np.float64)
   if np.any(ratios < 0) or ratios.sum() > 1.0 + 1e-6:
     raise DataError(f"cell_ratios {ratios.tolist()} must be >= 0 and sum to <= 1 "
-                    "(config.stages.cell_ratios).")
+                    "(the cell_ratios argument).")
   counts = np.floor(ratios * len(pool) + 1e-9).astype(int)
   if abs(ratios.sum() - 1.0) < 1e-6:
     counts[:len(pool) - counts.sum()] += 1
@@ -123,12 +123,12 @@ def _ratio_split(pool: np.ndarray, ratios: Sequence[float]) -> list[np.ndarray]:
 def _obs_split(data: CellData, pool: np.ndarray, part: ObsPartition, n: int) -> list[np.ndarray]:
   if part.column not in data.obs.columns:
     raise DataError(f"obs_partition column {part.column!r} not in obs of {data.name!r}; available: "
-                    f"{list(data.obs.columns)} (config.stages.obs_partition).")
+                    f"{list(data.obs.columns)} (config.stages.obs_column).")
   col = data.obs[part.column].astype(str).to_numpy()
   values = part.values if part.values is not None else sorted(set(col))
   if len(values) != n:
     raise DataError(f"obs_partition on {part.column!r} gives {len(values)} groups {values} for "
-                    f"{n} stages; list exactly one value (or list of values) per stage.")
+                    f"{n} stages; list exactly one value (or list of values) per stage in config.stages.order.")
   out = []
   for v in values:
     vs = {str(x) for x in (v if isinstance(v, (list, tuple)) else [v])}
@@ -158,8 +158,8 @@ def _gene_plan(data: CellData, base: list[str], specific: list[list[str]], names
       k = len(specific)
       cell_ratios = [0.5] + [0.5 / k] * k if base_stage else [1.0 / k] * k
     if len(cell_ratios) != n:
-      raise DataError(f"cell_ratios has {len(cell_ratios)} entries for {n} stages (config."
-                      "stages.cell_ratios; the base stage counts when base_stage=True).")
+      raise DataError(f"cell_ratios has {len(cell_ratios)} entries for {n} stages (the base "
+                      "stage counts when config.stages.base_stage=True).")
     cells = _ratio_split(pool, cell_ratios)
   stages = []
   if base_stage:
@@ -209,7 +209,7 @@ def explicit_plan(data: CellData, stage_genes: Sequence[Sequence[str]], base_gen
       f"stage{i + 1}" for i in range(len(stage_genes))]
   if len(names) != len(stage_genes) or not stage_genes:
     raise DataError(f"{len(stage_genes)} stage gene lists but {len(names)} stage names; give one "
-                    "name per list (config.stages.names) and at least one list.")
+                    "name per list and at least one list.")
   known = set(data.gene_ids)
   seen = {g: "base" for g in base_genes}
   for name, genes in zip(names, stage_genes):

@@ -30,7 +30,7 @@ def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformatio
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = mask_gene_rows(updates, state.active_genes)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(aux["metrics"], loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(aux["metrics"], loss=loss, grad_norm=optax.tree.norm(grads),
                    cells=jnp.sum(inputs["main"].cell_mask))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,273 @@
+"""Cells -> fixed-shape numpy `Batch`es (host side, vectorised over the cells of a batch).
+
+A cell's tokens are its non-zero measured genes whose data column maps to a non-zero gene-table
+row (`columns_to_rows`, from `stages.stage_columns`); optionally some measured zeros. If there are
+more than N, N are sampled without replacement (uniform, or expression-weighted via Gumbel-top-k,
+i.e. the same law as `torch.multinomial(w, N, replacement=False)`).
+
+Determinism: training batches are a pure function of (seed, stage index, step). With `mask_seed`
+(evaluation), every random choice for (cell, gene column) comes from a counter-based hash of
+(mask_seed, global cell index, gene column), so the pred mask of a (cell, gene) pair does not
+depend on which other genes the stage keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+import numpy as np
+
+from gil_jax.batch import Batch
+from gil_jax.data.anndata_io import CellData, DataError
+
+NORMALISATIONS = ("log1p_cp10k", "log1p", "none")
+SAMPLINGS = ("paper", "uniform", "weighted")
+
+
+@dataclasses.dataclass
+class BatchSpec:
+  batch_size: int
+  n_tokens: int
+  mask_ratio: float = 0.4
+  normalisation: str = "log1p_cp10k"  # log1p(x / size_factor) | log1p(x) | none
+  sampling: str = "paper"             # paper (per cell 50/50 weighted|uniform), uniform, weighted
+  zero_tokens: int = 0                # measured zeros to add as value-0 tokens when room allows
+
+  def __post_init__(self):
+    if self.normalisation not in NORMALISATIONS:
+      raise DataError(f"unknown normalisation {self.normalisation!r}; use one of {NORMALISATIONS}"
+                      " (config.batch.normalisation).")
+    if self.sampling not in SAMPLINGS:
+      raise DataError(f"unknown sampling {self.sampling!r}; use one of {SAMPLINGS} "
+                      "(config.batch.sampling).")
+    if self.batch_size < 1 or self.n_tokens < 1:
+      raise DataError(f"batch_size={self.batch_size} and n_tokens={self.n_tokens} must be >= 1 "
+                      "(config.batch.batch_size, config.batch.n_tokens).")
+    if not 0.0 <= self.mask_ratio <= 1.0:
+      raise DataError(f"mask_ratio={self.mask_ratio} must be in [0, 1] (config.batch.mask_ratio).")
+    if self.zero_tokens < 0:
+      raise DataError("zero_tokens must be >= 0 (config.batch.zero_tokens).")
+
+
+# ---------------------------------------------------------------- counter-based hashing (eval)
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """splitmix64 finaliser (uint64 -> uint64, wrapping arithmetic)."""
+  x = x ^ (x >> np.uint64(30))
+  x = x * _M1
+  x = x ^ (x >> np.uint64(27))
+  x = x * _M2
+  return x ^ (x >> np.uint64(31))
+
+
+def hash_uniform(seed: int, cells: np.ndarray, cols: np.ndarray | int, salt: int) -> np.ndarray:
+  """float64 uniforms in (0, 1), a pure function of (seed, cell, column, salt), elementwise."""
+  with np.errstate(over="ignore"):
+    h = _mix(np.full(1, (int(seed) * 4 + int(salt)) & 0xFFFFFFFFFFFFFFFF, np.uint64) + _GOLD)
+    h = _mix(h + np.asarray(cells).astype(np.uint64) * _GOLD)
+    h = _mix(h + np.asarray(cols).astype(np.uint64) + _GOLD)
+  return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2**53)
+
+
+# ---------------------------------------------------------------- helpers
+
+def normalise(values: np.ndarray, size_factors: np.ndarray, normalisation: str) -> np.ndarray:
+  """Per-entry normalisation; `size_factors` aligned with `values` (units of 1e4)."""
+  if normalisation == "log1p_cp10k":
+    return np.log1p(values / size_factors).astype(np.float32)
+  if normalisation == "log1p":
+    return np.log1p(values).astype(np.float32)
+  return values.astype(np.float32)
+
+
+def _segment_starts(counts: np.ndarray) -> np.ndarray:
+  return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def _top_n(keys: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+  """bool[len(keys)]: in each contiguous cell segment, the entries with the n largest keys (all
+  entries of cells with at most n). A loop over the over-full cells: cost ~ their entries."""
+  sel = np.ones(len(keys), bool)
+  starts = _segment_starts(counts)
+  for c in np.flatnonzero(counts > n):
+    s0, e0 = starts[c], starts[c] + counts[c]
+    seg = sel[s0:e0]
+    seg[:] = False
+    seg[np.argpartition(keys[s0:e0], counts[c] - n)[counts[c] - n:]] = True
+  return sel
+
+
+def _zero_tokens(data: CellData, cells: np.ndarray, c2r: np.ndarray, present: list[np.ndarray],
+                 room: np.ndarray, k: int, rng: np.random.Generator,
+                 mask_seed: int | None) -> list[np.ndarray]:
+  """Per cell: up to min(k, room) measured-zero columns mapping to a real row (random choice)."""
+  active = c2r > 0
+  out = []
+  for i, c in enumerate(cells):
+    m = min(k, int(room[i]))
+    if m <= 0:
+      out.append(np.zeros(0, np.int64))
+      continue
+    cand = np.flatnonzero(data.panel[data.dataset_index[c]] & active)
+    cand = cand[~np.isin(cand, present[i], assume_unique=True)]
+    if len(cand) > m:
+      u = hash_uniform(mask_seed, c, cand, 3) if mask_seed is not None else rng.random(len(cand))
+      cand = np.sort(cand[np.argpartition(u, m - 1)[:m]])
+    out.append(cand)
+  return out
+
+
+# ---------------------------------------------------------------- batches
+
+def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, spec: BatchSpec,
+               rng: np.random.Generator, mask_seed: int | None = None,
+               labels: np.ndarray | None = None) -> Batch:
+  """A numpy `Batch` of `cells` (global indices, len <= batch_size; the rest is padding)."""
+  cells = np.asarray(cells, np.int64)
+  B, N = spec.batch_size, spec.n_tokens
+  nc = len(cells)
+  if nc > B:
+    raise DataError(f"make_batch got {nc} cells for batch_size {B}.")
+  c2r = np.asarray(columns_to_rows, np.int32)
+  if c2r.shape != (data.n_genes,):
+    raise DataError(f"columns_to_rows has shape {c2r.shape}, expected ({data.n_genes},): build it "
+                    "with stages.stage_columns for this data.")
+  sub = data.X[cells]
+  owner = np.repeat(np.arange(nc), np.diff(sub.indptr))
+  cols, raw = sub.indices, sub.data
+  keep = c2r[cols] > 0
+  if not keep.all():
+    owner, cols, raw = owner[keep], cols[keep], raw[keep]
+  counts = np.bincount(owner, minlength=nc)
+  sf = data.size_factors[cells].astype(np.float32)
+  norm = spec.normalisation
+
+  # --- gene sampling (cells with more than N candidates): top-N of Efraimidis-Spirakis keys
+  # log(u)/w (weighted, w = v - min(v) + 1e-5 on normalised v) or u (uniform) = sampling without
+  # replacement, same law as torch.multinomial(w, N, replacement=False).
+  big = counts > N
+  if big.any():
+    if mask_seed is None:
+      keys = 1.0 - rng.random(len(owner), dtype=np.float32)
+      coin = rng.random(nc) < 0.5
+    else:
+      keys = hash_uniform(mask_seed, cells[owner], cols, 1).astype(np.float32)
+      coin = hash_uniform(mask_seed, cells, 0, 2) < 0.5
+    weighted = {"paper": coin, "uniform": np.zeros(nc, bool), "weighted": np.ones(nc, bool)}[
+        spec.sampling] & big
+    if weighted.any():
+      nonempty = counts > 0
+      rmin = np.zeros(nc, np.float32)
+      rmin[nonempty] = np.minimum.reduceat(raw, _segment_starts(counts)[nonempty])
+      vmin = normalise(rmin, sf, norm)  # normalisation is monotone within a cell
+      went = np.flatnonzero(weighted[owner])
+      ow = owner[went]
+      keys[went] = np.log(keys[went]) / (normalise(raw[went], sf[ow], norm) - vmin[ow] + 1e-5)
+    sel = _top_n(keys, counts, N)
+    owner, cols, raw = owner[sel], cols[sel], raw[sel]
+    counts = np.minimum(counts, N)
+  cols = cols.astype(np.int64)
+  raw = raw.astype(np.float32)
+  vals = normalise(raw, sf[owner], norm)
+
+  # --- optional measured-zero tokens
+  if spec.zero_tokens > 0:
+    starts = _segment_starts(counts)
+    present = [cols[s:s + n] for s, n in zip(starts, counts)]
+    zeros = _zero_tokens(data, cells, c2r, present, N - counts, spec.zero_tokens, rng, mask_seed)
+    zn = np.array([len(z) for z in zeros], np.int64)
+    if zn.sum():
+      zo = np.repeat(np.arange(nc), zn)
+      order = np.argsort(np.concatenate([owner, zo]), kind="stable")
+      owner = np.concatenate([owner, zo])[order]
+      cols = np.concatenate([cols, *zeros])[order]
+      raw = np.concatenate([raw, np.zeros(zn.sum(), np.float32)])[order]
+      vals = np.concatenate([vals, np.zeros(zn.sum(), np.float32)])[order]
+      counts = counts + zn
+
+  # --- prediction mask: independent Bernoulli(mask_ratio), then 1 <= #pred <= n_real - 1
+  if mask_seed is None:
+    u = rng.random(len(vals))
+  else:
+    u = hash_uniform(mask_seed, cells[owner], cols, 0)
+  pred = u < spec.mask_ratio
+  starts = _segment_starts(counts)
+  n_pred = np.bincount(owner, weights=pred, minlength=nc).astype(np.int64)
+  # cells with no pred get the token with the smallest u; cells with all pred lose the largest.
+  for c in np.flatnonzero((counts >= 2) & ((n_pred == 0) | (n_pred == counts))):
+    s0 = starts[c]
+    seg = u[s0:s0 + counts[c]]
+    j = s0 + (int(np.argmin(seg)) if n_pred[c] == 0 else int(np.argmax(seg)))
+    pred[j] = not pred[j]
+  pos = np.arange(len(vals)) - starts[owner]
+
+  gene_ids = np.zeros((B, N), np.int32)
+  values = np.zeros((B, N), np.float32)
+  targets = np.zeros((B, N), np.float32)
+  cnt = np.zeros((B, N), np.float32)
+  token_mask = np.zeros((B, N), bool)
+  pred_mask = np.zeros((B, N), bool)
+  gene_ids[owner, pos] = c2r[cols]
+  targets[owner, pos] = vals
+  values[owner, pos] = np.where(pred, 0.0, vals)
+  cnt[owner, pos] = raw
+  token_mask[owner, pos] = True
+  pred_mask[owner, pos] = pred
+  size_factors = np.ones(B, np.float32)
+  size_factors[:nc] = sf
+  cell_mask = np.zeros(B, bool)
+  cell_mask[:nc] = True
+  lab = np.full(B, -1, np.int32)
+  if labels is not None:
+    lab[:nc] = np.asarray(labels)[cells]
+  return Batch(gene_ids=gene_ids, values=values, targets=targets, counts=cnt,
+               size_factors=size_factors, token_mask=token_mask, pred_mask=pred_mask,
+               cell_mask=cell_mask, labels=lab)
+
+
+def steps_per_epoch(n_cells: int, batch_size: int) -> int:
+  return math.ceil(n_cells / batch_size)
+
+
+def epoch_order(cells: np.ndarray, seed: int, stage_index: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, stage_index, epoch]).permutation(np.asarray(cells))
+
+
+def stage_batches(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, spec: BatchSpec,
+                  seed: int, stage_index: int, start_step: int = 0, n_steps: int | None = None,
+                  labels: np.ndarray | None = None) -> Iterator[tuple[int, Batch]]:
+  """Yields (step, Batch) for the n_steps steps start_step, start_step+1, ... (None = forever).
+
+  Batches are a pure function of (seed, stage_index, step): resuming at start_step reproduces
+  an uninterrupted run exactly. The last batch of an epoch is padded.
+  """
+  cells = np.asarray(cells, np.int64)
+  if len(cells) == 0:
+    raise DataError(f"stage {stage_index} has no training cells; check the stage plan.")
+  spe = steps_per_epoch(len(cells), spec.batch_size)
+  epoch, order = -1, None
+  step, end = start_step, None if n_steps is None else start_step + n_steps
+  while end is None or step < end:
+    e, j = divmod(step, spe)
+    if e != epoch:
+      epoch, order = e, epoch_order(cells, seed, stage_index, e)
+    chunk = order[j * spec.batch_size:(j + 1) * spec.batch_size]
+    rng = np.random.default_rng([seed, stage_index, step, 1])
+    yield step, make_batch(data, chunk, columns_to_rows, spec, rng, labels=labels)
+    step += 1
+
+
+def eval_batches(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, spec: BatchSpec,
+                 mask_seed: int, labels: np.ndarray | None = None) -> Iterator[Batch]:
+  """All `cells` once, in order (last batch padded), with deterministic masks from mask_seed."""
+  cells = np.asarray(cells, np.int64)
+  rng = np.random.default_rng([mask_seed, 2])  # unused when mask_seed is given; kept for API
+  for i in range(0, len(cells), spec.batch_size):
+    yield make_batch(data, cells[i:i + spec.batch_size], columns_to_rows, spec, rng,
+                     mask_seed=mask_seed, labels=labels)

@@ -1,0 +1,157 @@
+"""End-to-end behaviour of the train step and the stage loop on tiny synthetic experiments."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gil_jax import checkpoint, experiment
+from gil_jax.data import batching, stages
+from gil_jax.data.vocab import VocabularyError
+from gil_jax.models.common import is_gene_param
+from gil_jax.train import loop
+from gil_jax.train.state import _path_names
+from tests.helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _runner(config):
+  data = experiment.load_data(config)
+  plan = experiment.build_plan(config, data)
+  return loop.Runner(config, data, plan), data, plan
+
+
+def _stage_inputs(runner, data, plan, k, n):
+  vocab = experiment.stage_vocab(plan, runner.capacity, k)
+  cols = stages.stage_columns(data, vocab, plan.stages[k])
+  batches = [b for _, b in batching.stage_batches(data, plan.stages[k].train_cells, cols,
+                                                  runner.spec, 0, k, 0, n)]
+  return vocab, [runner.put({"main": b}, runner.inputs_sharding) for b in batches]
+
+
+def _gene_leaves(params):
+  return {_path_names(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)
+          if is_gene_param(_path_names(p))}
+
+
+@pytest.mark.parametrize("model", ["exceiver", "transformer"])
+def test_inactive_gene_rows_never_change(model):
+  config = tiny_config(model, **{"train.weight_decay": 0.1, "train.optimizer": "adamw"})
+  runner, data, plan = _runner(config)
+  vocab, inputs = _stage_inputs(runner, data, plan, 0, 3)
+  active = vocab.active_mask(0)
+  assert 0 < active.sum() < runner.capacity - 1
+  state = runner.set_active(runner.initial_state(), active)
+  before = jax.device_get(_gene_leaves(state.params))
+  for x in inputs:
+    state, metrics = runner.train_step(state, x)
+  after = jax.device_get(_gene_leaves(state.params))
+  assert before, "model has no gene-table parameters"
+  for path in before:
+    np.testing.assert_array_equal(after[path][~active], before[path][~active], err_msg=str(path))
+    assert not np.allclose(after[path][active], before[path][active]), path
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_eight_devices_match_one():
+  assert jax.device_count() == 8
+  losses = {}
+  for n in (1, 8):
+    config = tiny_config(**{"mesh.data": n, "mesh.model": 1})
+    runner, data, plan = _runner(config)
+    vocab, inputs = _stage_inputs(runner, data, plan, 0, 2)
+    state = runner.set_active(runner.initial_state(), vocab.active_mask(0))
+    out = []
+    for x in inputs:
+      state, metrics = runner.train_step(state, x)
+      out.append(float(metrics["loss"]))
+    losses[n] = out
+  np.testing.assert_allclose(losses[1], losses[8], rtol=1e-4)
+
+
+def test_full_run_resume_and_outputs(tmp_path):
+  config = tiny_config()
+  full = loop.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
+  n = len(full["stages"])
+  assert n == 3 and full["stages"][1]["n_new_genes"] > 0
+  m = full["gene_regression"]["matrix"]
+  for i in range(n):
+    for j in range(n):
+      assert (m[i][j] is None) == (j > i)
+  assert full["forgetting"]["per_stage"][-1] is None
+  assert full["compilations"]["train_step"] == 1  # new stage genes never recompile the step
+  for f in ("results.json", "report.md", "gene_regression.png", "forgetting.png"):
+    assert os.path.exists(tmp_path / "full" / f), f
+
+  # Interrupt mid-stage 1 (after 6 + 3 steps), then resume with the same command.
+  part = str(tmp_path / "part")
+  loop.train_and_evaluate(config, part, stop_after_steps=9, progress_bar=False)
+  assert not os.path.exists(os.path.join(part, "results.json"))
+  resumed = loop.train_and_evaluate(config, part, progress_bar=False)
+  np.testing.assert_allclose(np.array(resumed["gene_regression"]["matrix"], dtype=float),
+                             np.array(m, dtype=float), rtol=1e-5, equal_nan=True)
+  assert [s["final_train_loss"] for s in resumed["stages"]] == pytest.approx(
+      [s["final_train_loss"] for s in full["stages"]], rel=1e-5)
+
+  # A finished experiment is not retrained.
+  ck = checkpoint.Checkpointer(part)
+  last = ck.latest_step()
+  ck.close()
+  again = loop.train_and_evaluate(config, part, progress_bar=False)
+  assert again["gene_regression"] == resumed["gene_regression"]
+  ck = checkpoint.Checkpointer(part)
+  assert ck.latest_step() == last
+  ck.close()
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+  config = tiny_config()
+  workdir = str(tmp_path / "w")
+  loop.train_and_evaluate(config, workdir, stop_after_steps=4, progress_bar=False)
+  ckdir = os.path.join(workdir, "checkpoints")
+  (finished,) = [d for d in os.listdir(ckdir) if d.isdigit()]
+  # What an interrupted Orbax save leaves behind: a temporary directory with partial content.
+  partial = os.path.join(ckdir, "999.orbax-checkpoint-tmp-1234")
+  shutil.copytree(os.path.join(ckdir, finished), partial)
+  os.remove(os.path.join(partial, "meta", "metadata"))
+  ck = checkpoint.Checkpointer(workdir)
+  assert ck.latest_step() == int(finished)
+  ck.close()
+  results = loop.train_and_evaluate(config, workdir, progress_bar=False)
+  assert len(results["stages"]) == 3
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path):
+  workdir = str(tmp_path / "w")
+  loop.train_and_evaluate(tiny_config(), workdir, stop_after_steps=4, progress_bar=False)
+  other = tiny_config(**{"train.learning_rate": 0.5})
+  with pytest.raises(checkpoint.WorkdirMismatchError, match="train.learning_rate"):
+    loop.train_and_evaluate(other, workdir, progress_bar=False)
+
+
+def test_gene_table_too_small_fails_before_training(tmp_path):
+  config = tiny_config(**{"genes.capacity": 40})
+  with pytest.raises(VocabularyError, match="config.genes.capacity"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"), progress_bar=False)
+  assert not os.path.exists(tmp_path / "w" / "checkpoints" / "0")
+
+
+def test_unknown_method_lists_known(tmp_path):
+  with pytest.raises(ValueError, match="known methods"):
+    loop.train_and_evaluate(tiny_config(method="nope"), str(tmp_path / "w"), progress_bar=False)
+
+
+def test_launch_rejects_unknown_config_field(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "launch.py", "--config", "configs/gil_synthetic.py",
+       "--config.train.no_such_field=1", "--workdir", str(tmp_path / "w")],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "no_such_field" in proc.stderr
