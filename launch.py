@@ -4,7 +4,7 @@ Override any config field with `--config.a.b=value`; unknown fields are rejected
 with the same workdir resumes at the last checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gil_jax.train import loop
@@ -20,6 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
   results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print()
   print(report.stage_table(results))

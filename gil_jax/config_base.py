@@ -69,6 +69,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   c.eval.mask_seed = 1234
+  c.eval.stage_evaluators = ""      # comma-separated names from gil_jax/eval/hooks.py
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   return c

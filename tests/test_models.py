@@ -46,11 +46,8 @@ def make_inputs(seed=0, b=B, n=N):
 
 
 @functools.lru_cache(maxsize=None)
-def setup(variant, dtype="float32", dropout=None):
-  over = {"dtype": dtype}
-  if dropout is not None:
-    over["dropout"] = dropout
-  cfg, likelihood = make_cfg(variant, **over)
+def built(variant, dtype="float32"):
+  cfg, likelihood = make_cfg(variant, dtype=dtype)
   model = build_model(cfg, CAP, likelihood)
   x = make_inputs()
   params = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
@@ -83,7 +80,7 @@ def assert_close_real(a, b, token_mask, atol=1e-5):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_output_shapes(variant):
-  model, params, apply = setup(variant)
+  model, params, apply = built(variant)
   out = apply(params, make_inputs())
   assert set(out) == expected_keys(variant)
   d = model_config(VARIANTS[variant][0]).d_model
@@ -95,7 +92,7 @@ def test_output_shapes(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_padding_is_ignored(variant):
-  _, params, apply = setup(variant)
+  _, params, apply = built(variant)
   x = make_inputs()
   y = dict(x)
   rng = np.random.default_rng(5)
@@ -107,7 +104,7 @@ def test_padding_is_ignored(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hidden_values_are_never_seen(variant):
-  _, params, apply = setup(variant)
+  _, params, apply = built(variant)
   x = make_inputs()
   y = dict(x, values=np.where(x["pred_mask"], 7.5, x["values"]).astype(np.float32))
   a, b = apply(params, x), apply(params, y)
@@ -117,7 +114,7 @@ def test_hidden_values_are_never_seen(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_token_permutation(variant):
-  _, params, apply = setup(variant)
+  _, params, apply = built(variant)
   x = make_inputs()
   rng = np.random.default_rng(3)
   perm = np.stack([rng.permutation(N) for _ in range(B)])
@@ -132,7 +129,7 @@ def test_token_permutation(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_all_padding_cell_is_finite(variant):
-  _, params, apply = setup(variant)
+  _, params, apply = built(variant)
   x = make_inputs()
   for k in ("token_mask", "pred_mask"):
     x[k] = x[k].copy()
@@ -153,7 +150,7 @@ def test_all_padding_cell_is_finite(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_absent_gene_rows_get_zero_gradient(variant):
-  _, params, apply = setup(variant)
+  _, params, apply = built(variant)
   x = make_inputs()
   m = jnp.asarray(x["token_mask"], jnp.float32)
 
@@ -173,7 +170,7 @@ def test_absent_gene_rows_get_zero_gradient(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gene_params_are_exactly_the_capacity_rows(variant):
-  _, params, _ = setup(variant)
+  _, params, _ = built(variant)
   flat = flax.traverse_util.flatten_dict(params)
   genes = {p for p in flat if is_gene_param(p)}
   assert genes and all(p[0] == "genes" for p in genes)
@@ -190,12 +187,12 @@ def test_gene_params_are_exactly_the_capacity_rows(variant):
 
 @pytest.mark.parametrize("variant", ["exceiver-scale-mse", "transformer-mvc-nb"])
 def test_bfloat16_compute(variant):
-  _, params, apply = setup(variant, "bfloat16")
+  _, params, apply = built(variant, "bfloat16")
   for v in jax.tree_util.tree_leaves(params):
     assert v.dtype == jnp.float32
   x = make_inputs()
   out = apply(params, x)
-  _, _, apply32 = setup(variant)
+  _, _, apply32 = built(variant)
   ref = apply32(params, x)
   for k, v in out.items():
     assert v.dtype == jnp.float32 and np.isfinite(v).all(), k
@@ -203,7 +200,7 @@ def test_bfloat16_compute(variant):
 
 
 def test_dropout():
-  _, params, apply = setup("transformer-mvc-nb")
+  _, params, apply = built("transformer-mvc-nb")
   x = make_inputs()
   a = apply(params, x, train=True, key=jax.random.key(0))
   b = apply(params, x, train=True, key=jax.random.key(1))
@@ -216,7 +213,7 @@ def test_dropout():
 @pytest.mark.parametrize("variant", ["exceiver-mlp-nb", "transformer-mvc-nb"])
 def test_sharded_matches_single_device(variant):
   assert jax.device_count() == 8
-  _, params, apply = setup(variant)
+  _, params, apply = built(variant)
   x = make_inputs()
   ref = jax.device_get(apply(params, x))
   mesh = Mesh(np.array(jax.devices()), ("data",))

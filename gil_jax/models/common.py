@@ -99,8 +99,9 @@ def attend(q: Array, k: Array, v: Array, key_mask: Array | None, *, dropout_rate
   ``jax.nn.dot_product_attention``'s XLA path (float32 logits and softmax), plus optional dropout
   on the attention probabilities. A query row with no valid key returns exactly 0 (no NaN, and no
   dependence on the masked keys). On CPU heads are processed one at a time (``lax.map`` over the
-  head axis, which is never sharded) so the [B, Q, K] logits stay in cache: about 2x faster
-  than one pass over [B, H, Q, K] at paper size. Elsewhere heads are vmapped (one fused pass).
+  head axis, which is never sharded, rematerialised in the backward pass) so the [B, Q, K]
+  logits stay in cache: ~3x faster forward and ~1.5x faster gradient than one pass over
+  [B, H, Q, K] at paper size on CPU. Elsewhere heads are vmapped (one fused pass).
   """
   h = q.shape[2]
   use_dropout = dropout_rate > 0.0 and dropout_rng is not None
@@ -109,7 +110,10 @@ def attend(q: Array, k: Array, v: Array, key_mask: Array | None, *, dropout_rate
     qh, kh, vh, rh = args
     return _attend_head(qh, kh, vh, key_mask, dropout_rate, rh)
   xs = (jnp.moveaxis(q, 2, 0), jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), rngs)
-  out = jax.lax.map(one, xs) if jax.default_backend() == "cpu" else jax.vmap(one)(xs)
+  if jax.default_backend() == "cpu":
+    out = jax.lax.map(jax.checkpoint(one), xs)  # remat: no stacked [H, B, Q, K] residuals
+  else:
+    out = jax.vmap(one)(xs)
   return jnp.moveaxis(out, 0, 2)
 
 

@@ -19,7 +19,7 @@ from gil_jax import checkpoint, experiment, parallel
 from gil_jax.batch import Batch, empty_batch
 from gil_jax.data import batching, stages
 from gil_jax.data.vocab import GeneVocab
-from gil_jax.eval import regression, report
+from gil_jax.eval import hooks, regression, report
 from gil_jax.losses import objectives, registry
 from gil_jax.losses.transforms import StageEnd
 from gil_jax.models import build_model
@@ -160,7 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   os.makedirs(workdir, exist_ok=True)
   _setup_logging(workdir)
-  registry.transform_names(config)  # unknown method / transform names fail before any work
+  registry.transform_names(config)  # unknown names fail before any work
+  hooks.resolve(config.eval.stage_evaluators)
   data = experiment.load_data(config)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   ckpt.check_same_experiment(config)
@@ -242,6 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       row = runner.regression_row(state.params, vocab, k, state.active_genes)
       results["gene_regression"]["matrix"][k] = row
       final_visible = [set(s.eval_genes) <= set(plan.stages[-1].train_genes) for s in plan.stages]
+      for evaluate in hooks.resolve(config.eval.stage_evaluators):
+        results = evaluate(runner, state, vocab, k, results)
       if k == len(plan.stages) - 1:
         results["forgetting"] = regression.forgetting(results["gene_regression"]["matrix"],
                                                       final_visible)

@@ -1,0 +1,29 @@
+"""Stage-end evaluators chosen by name (`config.eval.stage_evaluators`).
+
+An evaluator is `fn(runner, state, vocab, stage_index, results) -> results`: it runs after the
+gene-wise regression of every stage, may add its own block to `results` (e.g.
+'gene_classification'), and must be deterministic so resumed runs report the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+STAGE_EVALUATORS: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str):
+  def deco(fn):
+    STAGE_EVALUATORS[name] = fn
+    return fn
+  return deco
+
+
+def resolve(names: str) -> list[Callable[..., Any]]:
+  out = []
+  for n in [x.strip() for x in names.split(",") if x.strip()]:
+    if n not in STAGE_EVALUATORS:
+      raise ValueError(f"unknown evaluator {n!r} in config.eval.stage_evaluators; known: "
+                       f"{sorted(STAGE_EVALUATORS)}")
+    out.append(STAGE_EVALUATORS[n])
+  return out
