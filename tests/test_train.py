@@ -155,3 +155,44 @@ def test_launch_rejects_unknown_config_field(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "no_such_field" in proc.stderr
+
+
+@pytest.mark.parametrize("model", ["exceiver", "transformer"])
+def test_tokens_of_inactive_genes_do_not_change_outputs(model):
+  from gil_jax.losses import objectives
+  config = tiny_config(model)
+  runner, data, plan = _runner(config)
+  vocab, inputs = _stage_inputs(runner, data, plan, 1, 1)  # stage 1 sees base + T_1 genes
+  batch = jax.device_get(inputs[0]["main"])
+  params = runner.initial_state().params
+  active = vocab.active_mask(1)
+  t1_rows = vocab.rows(plan.stages[1].new_genes)
+  is_t1 = np.isin(batch.gene_ids, t1_rows) & batch.token_mask
+  assert is_t1.any()
+  active_without_t1 = active.copy()
+  active_without_t1[t1_rows] = False
+  # Same batch, T_1 tokens either present-but-inactive, or removed from the token mask.
+  removed = batch.replace(token_mask=batch.token_mask & ~is_t1, pred_mask=batch.pred_mask & ~is_t1)
+  out_inactive = objectives.apply_model(runner.model, params, batch, jnp.asarray(active_without_t1),
+                                        train=False, rng=jax.random.PRNGKey(0))
+  out_removed = objectives.apply_model(runner.model, params, removed, jnp.asarray(active),
+                                       train=False, rng=jax.random.PRNGKey(0))
+  keep = removed.token_mask
+  np.testing.assert_allclose(np.asarray(out_inactive["pred"])[keep],
+                             np.asarray(out_removed["pred"])[keep], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out_inactive["cell_emb"], out_removed["cell_emb"], rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_count_likelihoods_train(likelihood):
+  config = tiny_config(**{"train.likelihood": likelihood})
+  runner, data, plan = _runner(config)
+  vocab, inputs = _stage_inputs(runner, data, plan, 0, 3)
+  state = runner.set_active(runner.initial_state(), vocab.active_mask(0))
+  losses = []
+  for x in inputs * 3:
+    state, metrics = runner.train_step(state, x)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < losses[0]

@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       cols = stages.stage_columns(data, vocab, stage)
       feed = Feed(data, plan, vocab, runner.spec, config.seed, k, start)
       losses: list[float] = []
-      cells, t_measure, t0 = 0, 0.0, time.time()
+      cells, t_measure, t0, first_step_seconds = 0, 0.0, time.time(), 0.0
       bar = tqdm(total=n_steps, initial=start, desc=f"stage {k} {stage.name}", leave=True,
                  disable=not progress_bar, dynamic_ncols=True)
       for step, batch in batching.stage_batches(data, stage.train_cells, cols, runner.spec,
@@ -213,10 +213,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           losses.append(float(metrics["loss"]))
           bar.set_postfix({k_.split("/")[-1]: f"{float(v):.4f}" for k_, v in metrics.items()
                            if k_.startswith("loss")} | {"cells/s": f"{cells / max(t_measure, 1e-9):.0f}"})
-        if step > start:  # the first step of a call includes compilation
-          jax.block_until_ready(state.step)
+        jax.block_until_ready(state.step)
+        if step > start:  # the first step of a stage may include compilation
           cells += int(np.sum(batch.cell_mask))
           t_measure += time.time() - t_step
+        else:
+          first_step_seconds = time.time() - t_step
         bar.update(1)
         steps_run += 1
         done_in_stage = step + 1
@@ -254,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           "n_new_genes": len(stage.new_genes), "steps": n_steps,
           "seconds": round(stage_seconds, 2),
           "cells_per_s": round(cells / t_measure, 1) if t_measure > 0 else None,
+          "first_step_seconds": round(first_step_seconds, 3),
           "final_train_loss": losses[-1] if losses else None})
       log.info("stage %d (%s) done: %s", k, stage.name, results["stages"][-1])
       progress = {"stage": k, "step_in_stage": n_steps, "stage_done": True, "seconds": 0.0}

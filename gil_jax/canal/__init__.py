@@ -1,0 +1,1 @@
+"""Continual cell-type annotation (CANAL): growing class head, example bank, novelty, CLI."""
