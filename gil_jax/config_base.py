@@ -17,6 +17,18 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   # Continual-learning method preset (see gil_jax/losses/registry.py) and its transforms.
   c.method = "baseline"
   c.loss_transforms = ""  # comma-separated names; empty = the preset's list
+  # Per-transform hyperparameters: one section per transform name (gil_jax/losses/*.py), e.g.
+  # --config.method=ewc --config.ewc.weight=100. Only the sections of listed transforms are read.
+  c.replay = ml_collections.ConfigDict(dict(
+      buffer_size=200, per_stage=0, mode="concat", weight=1.0, batch_size=0, include_base=False))
+  c.oracle = ml_collections.ConfigDict(dict(mode="concat", weight=1.0, batch_size=0,
+                                            include_base=True))
+  c.distill = ml_collections.ConfigDict(dict(weight=5.0, mode="output", feature_weight=1.0))
+  c.ewc = ml_collections.ConfigDict(dict(weight=1000.0, gamma=1.0, n_batches=20, normalize=True))
+  c.online_ewc = ml_collections.ConfigDict(dict(weight=1000.0, gamma=0.9, n_batches=20,
+                                                normalize=True))
+  c.l2 = ml_collections.ConfigDict(dict(weight=10.0))
+  c.mas = ml_collections.ConfigDict(dict(weight=1000.0, gamma=1.0, n_batches=20))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"       # 'synthetic' | 'h5ad'
@@ -31,13 +43,25 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
       panel_fraction=1.0, seed=0))
 
   c.stages = ml_collections.ConfigDict()
-  c.stages.plan = "random"          # 'random' | 'dataset_stream'
+  c.stages.plan = "random"          # 'random' | 'dataset_stream' | 'crucial'
   c.stages.n_stages = 2             # incremental stages (after the optional base stage)
   c.stages.base_stage = True        # paper protocol: a base-genes-only stage 0 on half the cells
   c.stages.base_fraction = 0.6      # share of genes in the base set B (random plan)
   c.stages.eval_fraction = 0.1      # held-out cells for gene-wise regression
   c.stages.obs_column = ""          # partition cells by this obs column instead of ratios
   c.stages.order = ""               # comma-separated datasets / obs values, in stage order
+  # plan 'crucial' (GIL paper benchmark): T_k = top-K genes of downstream dataset k (see
+  # config.downstream), de-duplicated with the 20/100 rank rules; B = all other genes.
+  c.stages.top_k = 150              # crucial genes per downstream dataset (before dedup)
+  c.stages.keep_rank1 = 20          # dedup rule thresholds (0-based ranks), gil.md §1.2
+  c.stages.keep_rank2 = 100
+  c.stages.cell_ratios = ""         # comma-separated cell shares per stage incl. base; '' = paper
+
+  # Labelled downstream datasets: crucial genes (plan 'crucial') and gene-based classification.
+  c.downstream = ml_collections.ConfigDict()
+  c.downstream.datasets = ""        # 'name:label_column,...' (.h5ad under config.data.data_dir)
+  c.downstream.gene_column = ""     # '' = var_names
+  c.downstream.layer = ""           # '' = X
 
   c.genes = ml_collections.ConfigDict()
   c.genes.capacity = 1024           # rows of the padded gene table (row 0 = padding)
@@ -70,6 +94,22 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.eval.batch_size = 256
   c.eval.mask_seed = 1234
   c.eval.stage_evaluators = ""      # comma-separated names from gil_jax/eval/hooks.py
+  # Gene-based classification ('gene_classification' evaluator, gil_jax/eval/probe.py).
+  c.eval.probe = ml_collections.ConfigDict(dict(
+      trials=3, train_fraction=0.7, val_fraction=0.1, learning_rate=5e-3, batch_size=64,
+      epochs=50, eval_every=5, seed=0))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+
+  # Continual cell-type annotation (gil_jax/canal, `gil-jax annotate`); unused by GIL runs.
+  c.canal = ml_collections.ConfigDict(dict(
+      mode="canal",            # canal | finetune | replay | distill | lwf | ewc | joint
+      sources=ml_collections.ConfigDict(),  # name -> {file, label_column, layer, normalisation,
+                                            #   gene_column, split_column, split_values}
+      stage_order="", test_only="", label_map="", drop_labels="", withhold="",
+      test_fraction=0.25, val_fraction=0.1, max_classes=32, bank_size=1000,
+      distill_weight=0.1, label_smoothing=0.1, lwf_weight=1.0, lwf_temperature=2.0,
+      hidden1=128, hidden2=64, trainable="all", trainable_blocks=1, init_workdir="",
+      epochs_per_stage=10, novelty_rule="canal", novelty_temperature=0.8, novelty_mix=128,
+      novelty_quantile=0.95, min_shared_genes=50))
   return c

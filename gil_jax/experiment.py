@@ -6,7 +6,7 @@ import os
 
 import ml_collections
 
-from gil_jax.data import anndata_io, simulate, stages
+from gil_jax.data import anndata_io, downstream, simulate, stages
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
 
@@ -53,10 +53,43 @@ def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> 
   elif s.plan == "dataset_stream":
     plan = stages.dataset_stream_plan(data, order=order, eval_fraction=s.eval_fraction,
                                       seed=config.seed)
+  elif s.plan == "crucial":
+    plan = crucial_plan(config, data, load_downstream(config))
   else:
-    raise ValueError(f"unknown config.stages.plan {s.plan!r}; known: random, dataset_stream")
+    raise ValueError(f"unknown config.stages.plan {s.plan!r}; known: random, dataset_stream, "
+                     "crucial")
   plan.check(data)
   return plan
+
+
+def load_downstream(config: ml_collections.ConfigDict) -> list[downstream.Downstream]:
+  """The labelled downstream datasets of `config.downstream.datasets`."""
+  d = config.data
+  if not os.path.isdir(d.data_dir):
+    raise DataError(f"data directory {d.data_dir!r} does not exist (needed for "
+                    "config.downstream.datasets); pass --config.data.data_dir=/path/to/shared/data")
+  return downstream.load(config.downstream.datasets, d.data_dir,
+                         gene_column=config.downstream.gene_column,
+                         layer=config.downstream.layer)
+
+
+def crucial_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData,
+                 datasets: list[downstream.Downstream]) -> stages.StagePlan:
+  """Plan 'crucial': one stage per downstream dataset (config.stages.order), after a base stage."""
+  s = config.stages
+  by_name = {ds.name: ds for ds in datasets}
+  order = _split(s.order) or [ds.name for ds in datasets]
+  unknown = [n for n in order if n not in by_name]
+  if unknown:
+    raise DataError(f"config.stages.order names {unknown}, which are not downstream datasets; "
+                    f"known: {list(by_name)} (config.downstream.datasets).")
+  ratios = [float(x) for x in _split(s.cell_ratios)] or None
+  ranked = [downstream.top_genes(data, by_name[n].data, s.top_k, config.batch.normalisation)
+            for n in order]
+  return stages.crucial_gene_plan(data, ranked, order, keep_rank1=s.keep_rank1,
+                                  keep_rank2=s.keep_rank2, cell_ratios=ratios,
+                                  eval_fraction=s.eval_fraction, seed=config.seed,
+                                  base_stage=s.base_stage)
 
 
 def check_capacity(plan: stages.StagePlan, capacity: int) -> None:

@@ -19,7 +19,8 @@ class LabelError(ValueError):
 
 
 def parse_label_map(spec: str | Mapping[str, str] | None) -> dict[str, str]:
-  """'from=to; from=to' (or a mapping) -> dict. Whitespace around names is stripped."""
+  """'from=to; name; ...' (or a mapping) -> dict; a bare name declares a canonical name (maps to
+  itself). Whitespace around names is stripped."""
   if not spec:
     return {}
   if isinstance(spec, Mapping):
@@ -28,10 +29,7 @@ def parse_label_map(spec: str | Mapping[str, str] | None) -> dict[str, str]:
   for item in str(spec).split(";"):
     if not item.strip():
       continue
-    if "=" not in item:
-      raise LabelError(f"label map entry {item.strip()!r} has no '='; write entries as "
-                       "'source name=target name' separated by ';' (config.canal.label_map).")
-    src, dst = item.split("=", 1)
+    src, dst = item.split("=", 1) if "=" in item else (item, item)
     out[src.strip()] = dst.strip()
   return out
 

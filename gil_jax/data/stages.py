@@ -229,6 +229,72 @@ def explicit_plan(data: CellData, stage_genes: Sequence[Sequence[str]], base_gen
                     eval_fraction, seed, base_stage, obs_partition)
 
 
+def dedup_crucial(ranked: Sequence[Sequence[str]], keep_rank1: int = 20,
+                  keep_rank2: int = 100) -> list[list[str]]:
+  """Cross-dataset de-duplication of crucial-gene lists (gil.md §1.2, `select_exclude_1102`).
+
+  `ranked[i]` is dataset i's top-K genes, best first (0-based rank = position). For a gene in
+  >= 2 lists, with r = its smallest rank:
+    r > keep_rank2                                   -> removed from every list;
+    r < keep_rank1 in >= 2 lists                     -> removed from every list;
+    r < keep_rank1 in exactly one list               -> kept only in that list;
+    keep_rank1 <= r <= keep_rank2                    -> kept in the first list (input order) where
+                                                        keep_rank1 <= rank <= keep_rank2 only.
+  Genes in one list are kept. Lists keep their rank order.
+  """
+  if not 0 <= keep_rank1 <= keep_rank2:
+    raise DataError(f"need 0 <= keep_rank1 ({keep_rank1}) <= keep_rank2 ({keep_rank2}) "
+                    "(config.stages.keep_rank1 / keep_rank2).")
+  ranks: dict[str, dict[int, int]] = {}
+  for i, genes in enumerate(ranked):
+    if len(set(genes)) != len(genes):
+      raise DataError(f"crucial-gene list {i} has duplicate genes.")
+    for r, g in enumerate(genes):
+      ranks.setdefault(g, {})[i] = r
+  keep_in: dict[str, set[int]] = {}
+  for g, by_list in ranks.items():
+    if len(by_list) < 2:
+      keep_in[g] = set(by_list)
+      continue
+    r_min = min(by_list.values())
+    n_top = sum(r < keep_rank1 for r in by_list.values())
+    if r_min > keep_rank2 or n_top >= 2:
+      keep_in[g] = set()
+    elif n_top == 1:
+      keep_in[g] = {min(by_list, key=lambda i: by_list[i])}
+    else:
+      keep_in[g] = {min(i for i, r in by_list.items() if keep_rank1 <= r <= keep_rank2)}
+  return [[g for g in genes if i in keep_in[g]] for i, genes in enumerate(ranked)]
+
+
+def crucial_gene_plan(data: CellData, ranked: Sequence[Sequence[str]], names: Sequence[str], *,
+                      keep_rank1: int = 20, keep_rank2: int = 100,
+                      cell_ratios: Sequence[float] | None = None, eval_fraction: float = 0.1,
+                      seed: int = 0, base_stage: bool = True) -> StagePlan:
+  """The paper's benchmark plan: T_k = de-duplicated crucial genes of downstream dataset k.
+
+  `ranked[k]` is dataset `names[k]`'s top-K list (see `downstream.top_genes`), in stage order.
+  B = every other gene of `data`; stage 0 ('base') trains on B with half the cells (default
+  cell_ratios [0.5, 0.5/n, ...]), then stage k on B ∪ T_k.
+  """
+  names = list(names)
+  if len(names) != len(ranked) or not names:
+    raise DataError(f"{len(ranked)} crucial-gene lists for {len(names)} downstream datasets; "
+                    "give one list per dataset (config.downstream.datasets / config.stages.order).")
+  specific = dedup_crucial(ranked, keep_rank1, keep_rank2)
+  for name, before, after in zip(names, ranked, specific):
+    log.info("crucial genes of %r: %d of top-%d kept after de-duplication", name, len(after),
+             len(before))
+    if not after:
+      raise DataError(f"downstream dataset {name!r}: all {len(before)} crucial genes were removed "
+                      "by the cross-dataset de-duplication; raise config.stages.top_k or change "
+                      "config.stages.keep_rank1 / keep_rank2.")
+  crucial = {g for t in specific for g in t}
+  base = [g for g in data.gene_ids if g not in crucial]
+  return explicit_plan(data, specific, base, stage_names=names, cell_ratios=cell_ratios,
+                       eval_fraction=eval_fraction, seed=seed, base_stage=base_stage)
+
+
 def dataset_stream_plan(data: CellData, order: Sequence[str] | None = None,
                         eval_fraction: float = 0.1, seed: int = 0) -> StagePlan:
   """One stage per source dataset, training on that dataset's gene panel.

@@ -19,7 +19,14 @@ def register(name: str):
   return deco
 
 
+# Modules that register evaluators on import (imported lazily by `resolve`).
+BUILTIN_MODULES = ("gil_jax.eval.probe",)
+
+
 def resolve(names: str) -> list[Callable[..., Any]]:
+  import importlib
+  for module in BUILTIN_MODULES:
+    importlib.import_module(module)
   out = []
   for n in [x.strip() for x in names.split(",") if x.strip()]:
     if n not in STAGE_EVALUATORS:

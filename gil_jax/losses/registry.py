@@ -12,7 +12,17 @@ from gil_jax.losses import transforms
 TRANSFORMS: dict[str, Callable[[ml_collections.ConfigDict], transforms.LossTransform]] = {}
 
 # method preset -> transform names (applied in order).
-METHODS: dict[str, tuple[str, ...]] = {"baseline": ()}
+METHODS: dict[str, tuple[str, ...]] = {
+    "baseline": (),                    # Eq. 7: sequential training, no mitigation
+    "replay": ("replay",),             # Eq. 9 (config.replay)
+    "distill": ("distill",),           # Eq. 10 (config.distill; mode='feature' for embeddings)
+    "ewc": ("ewc",),                   # config.ewc
+    "online_ewc": ("online_ewc",),     # config.online_ewc
+    "l2": ("l2",),                     # config.l2
+    "mas": ("mas",),                   # config.mas
+    "oracle": ("oracle",),             # Eq. 8 as cumulative replay (config.oracle)
+    "replay_distill": ("replay", "distill"),
+}
 
 
 def register(name: str):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gil_jax.models.common import GENES, LN_EPS, MLP, Array, Attention, Dtype, GeneTable
+from gil_jax.models.common import (GENES, LN_EPS, MLP, Array, Attention, Dropout, Dtype,
+                                   GeneTable)
 
 VALUE_ENCODINGS = ("scale", "mlp")
 
@@ -30,7 +31,7 @@ class CrossAttnBlock(nn.Module):
   def __call__(self, x: Array, kv: Array, key_mask: Array | None, train: bool) -> Array:
     d = x.shape[-1]
     ln = lambda name: nn.LayerNorm(LN_EPS, dtype=self.dtype, name=name)
-    drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+    drop = Dropout(self.dropout_rate, deterministic=not train)
     h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
         ln("ln_q")(x), ln("ln_kv")(kv), key_mask, train)
     x = x + drop(h)
@@ -49,7 +50,7 @@ class SelfAttnBlock(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     d = x.shape[-1]
     ln = lambda name: nn.LayerNorm(LN_EPS, dtype=self.dtype, name=name)
-    drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+    drop = Dropout(self.dropout_rate, deterministic=not train)
     h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
         ln("ln_attn")(x), None, None, train)
     x = x + drop(h)

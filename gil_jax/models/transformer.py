@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gil_jax.models.common import GENES, LN_EPS, MLP, Array, Attention, Dtype, GeneTable
+from gil_jax.models.common import (GENES, LN_EPS, MLP, Array, Attention, Dropout, Dtype,
+                                   GeneTable)
 
 VALUE_CLIP = 512.0
 MASK_VALUE = -1.0
@@ -29,7 +30,7 @@ class PostLNLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, key_mask: Array, train: bool) -> Array:
     d = x.shape[-1]
-    drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+    drop = Dropout(self.dropout_rate, deterministic=not train)
     h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
         x, None, key_mask, train)
     x = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="ln_attn")(x + drop(h))

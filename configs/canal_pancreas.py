@@ -1,0 +1,58 @@
+"""CANAL continual annotation on the pancreas stream (real data from ../shared/data).
+
+Stages: panc8 (bbknnR subset) split by technology (celseq, celseq2, fluidigmc1, indrop,
+smartseq2), then Baron (CIDER subset, human+mouse: adds activated_stellate, macrophage), then Xin
+(adds gamma). Wang is test-only (never trained on). Per-source normalisation: panc8 'lognorm'
+layer and Xin/Wang are log-normalised ('none'); Baron holds counts (log1p CP10k).
+Run: python -m gil_jax.cli train --config configs/canal_pancreas.py --workdir runs/canal_pancreas
+Baselines: --config.canal.mode=finetune|replay|distill|lwf|ewc|joint. Novelty setting:
+configs/canal_novelty.py.
+"""
+
+import ml_collections
+
+from gil_jax.config_base import base_config
+
+PANCREAS_LABELS = ("acinar; activated_stellate; alpha; beta; delta; ductal; endothelial; gamma; "
+                   "macrophage; stellate=activated_stellate")
+
+
+def _src(file, label_column, normalisation, layer="", split_column="", split_values=""):
+  return ml_collections.ConfigDict(dict(
+      file=file, label_column=label_column, layer=layer, normalisation=normalisation,
+      gene_column="", split_column=split_column, split_values=split_values))
+
+
+def get_config():
+  c = base_config("exceiver")
+  c.experiment = "canal_pancreas"
+  c.seed = 0
+  c.data.label_column = "cell_type"
+  c.canal.sources = ml_collections.ConfigDict(dict(
+      panc8=_src("pancreas_panc8_small_bbknnR", "celltype", "none", layer="lognorm",
+                 split_column="tech", split_values="celseq,celseq2,fluidigmc1,indrop,smartseq2"),
+      baron=_src("pancreas_baron_hs_mm_CIDER", "Group", "log1p_cp10k"),
+      xin=_src("pancreas_xin_scClassify", "cell_type", "none"),
+      wang=_src("pancreas_wang_scClassify", "cell_type", "none"),
+  ))
+  c.canal.test_only = "wang"
+  c.canal.stage_order = ("panc8:celseq,panc8:celseq2,panc8:fluidigmc1,panc8:indrop,panc8:smartseq2,"
+                         "baron,xin")
+  c.canal.label_map = PANCREAS_LABELS
+  c.canal.mode = "canal"
+  c.canal.bank_size = 300
+  c.canal.epochs_per_stage = 15
+  c.canal.max_classes = 16
+  c.canal.test_fraction = 0.25
+  c.canal.val_fraction = 0.1
+  c.genes.capacity = 16384
+  c.batch.batch_size = 32
+  c.batch.n_tokens = 256
+  c.batch.sampling = "weighted"
+  c.eval.batch_size = 128
+  c.model.d_model = 32
+  c.model.n_latents = 16
+  c.model.n_layers = 1
+  c.model.n_heads = 2
+  c.train.learning_rate = 1e-3
+  return c

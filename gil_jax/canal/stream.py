@@ -1,0 +1,176 @@
+"""A stream of labelled datasets: sources -> normalised CellData, stages, held-out cells, labels.
+
+Each source (config.canal.sources.<name>: file, label_column, layer, normalisation, gene_column,
+split_column, split_values) is read, normalised on the host (so sources with different value
+types share one batcher with normalisation 'none'), its labels harmonised with the label map,
+and split into stages (whole source, or one stage per value of `split_column`). Each training
+stage keeps stratified held-out test cells and validation cells; test-only sources are never
+trained on. Withheld types (novelty setting) are removed from training but kept in test cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import ml_collections
+import numpy as np
+import scipy.sparse as sp
+from sklearn.model_selection import train_test_split
+
+from gil_jax.canal import labels as labels_lib
+from gil_jax.data import anndata_io
+from gil_jax.data.anndata_io import CellData, DataError
+from gil_jax.experiment import resolve_path
+
+log = logging.getLogger("gil_jax")
+SOURCE_NORMALISATIONS = ("log1p_cp10k", "log1p", "none")
+
+
+def split_list(s: str) -> list[str]:
+  return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+@dataclasses.dataclass
+class AnnotStage:
+  name: str
+  source: str
+  train_cells: np.ndarray
+  val_cells: np.ndarray
+  test_cells: np.ndarray
+
+
+@dataclasses.dataclass
+class Stream:
+  data: CellData              # all sources, normalised values
+  labels: np.ndarray          # object[cells]: harmonised cell-type names
+  stages: list[AnnotStage]
+  test_only: dict[str, np.ndarray]   # source -> cells
+  withheld: list[str]
+
+  def stage_genes(self, k: int) -> list[str]:
+    """Genes measured by the datasets of stage k's cells."""
+    st = self.stages[k]
+    cells = np.concatenate([st.train_cells, st.val_cells, st.test_cells])
+    panels = self.data.panel[np.unique(self.data.dataset_index[cells])]
+    return list(self.data.gene_ids[panels.any(0)])
+
+
+def normalise_values(data: CellData, how: str, source: str) -> CellData:
+  """Returns `data` with X replaced by normalised values (host-side, per source)."""
+  if how not in SOURCE_NORMALISATIONS:
+    raise DataError(f"source {source!r}: unknown normalisation {how!r}; use one of "
+                    f"{SOURCE_NORMALISATIONS} (config.canal.sources.{source}.normalisation).")
+  if how == "none":
+    return data
+  if how == "log1p_cp10k" and not data.is_counts:
+    log.warning("source %s: log1p_cp10k on non-integer values; set normalisation='none' for "
+                "pre-normalised files", source)
+  x = data.X.copy().tocsr()
+  if how == "log1p_cp10k":
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    x.data = np.log1p(x.data / data.size_factors[rows]).astype(np.float32)
+  else:
+    x.data = np.log1p(x.data).astype(np.float32)
+  return dataclasses.replace(data, X=sp.csr_matrix(x))
+
+
+def read_source(name: str, src: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                label_map: dict, drop: set[str]) -> tuple[CellData, np.ndarray]:
+  """One source as (normalised CellData, harmonised labels); bad labels raise clear errors."""
+  path = resolve_path(src.file, config.data.data_dir)
+  data = anndata_io.read_h5ad(path, layer=src.get("layer", "") or None,
+                              gene_column=src.get("gene_column", "") or None, name=name)
+  col = src.get("label_column", "") or config.data.label_column
+  if not col or col not in data.obs.columns:
+    raise DataError(f"source {name!r} ({path}): label column {col!r} not found in obs (columns: "
+                    f"{list(data.obs.columns)}). Set config.canal.sources.{name}.label_column "
+                    "(or config.data.label_column) to the column holding cell-type labels.")
+  raw = data.obs[col]
+  missing = raw.isna().to_numpy() | (raw.astype(str).str.strip() == "").to_numpy()
+  if missing.all():
+    raise DataError(f"source {name!r} ({path}): obs[{col!r}] holds no labels; a training or test "
+                    "file needs cell-type labels for every cell.")
+  if missing.any():
+    raise DataError(f"source {name!r} ({path}): {int(missing.sum())} of {len(missing)} cells have "
+                    f"no label in obs[{col!r}]; label them or remove them from the file.")
+  keep = ~raw.astype(str).isin(drop).to_numpy()
+  data = data.subset(np.flatnonzero(keep))
+  labs = labels_lib.harmonise(data.obs[col].astype(str), label_map, f"source {name!r}")
+  return normalise_values(data, src.get("normalisation", "log1p_cp10k"), name), labs
+
+
+def _split(cells: np.ndarray, labs: np.ndarray, frac: float, seed: int):
+  """(rest, held) with `frac` held out, stratified when every class has >= 2 cells."""
+  if frac <= 0 or len(cells) < 2:
+    return cells, cells[:0]
+  _, counts = np.unique(labs, return_counts=True)
+  strat = labs if counts.min() >= 2 and len(counts) > 1 else None
+  n_held = max(1, int(round(frac * len(cells))))
+  if strat is not None and n_held < len(counts):
+    strat = None
+  rest, held = train_test_split(cells, test_size=n_held, random_state=seed, stratify=strat)
+  return np.sort(rest), np.sort(held)
+
+
+def build_stream(config: ml_collections.ConfigDict) -> Stream:
+  c = config.canal
+  if not c.sources or not len(c.sources):
+    raise DataError("config.canal.sources is empty; name at least one labelled .h5ad source.")
+  label_map = labels_lib.parse_label_map(c.label_map)
+  drop = set(split_list(c.drop_labels))
+  test_only = split_list(c.test_only)
+  unknown = [s for s in test_only if s not in c.sources]
+  if unknown:
+    raise DataError(f"config.canal.test_only names unknown sources {unknown}; known: "
+                    f"{list(c.sources)}")
+  datas, labs = [], []
+  for name in c.sources:
+    d, l = read_source(name, c.sources[name], config, label_map, drop)
+    datas.append(d)
+    labs.append(l)
+  data = datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(c.sources))
+  labels = np.concatenate(labs)
+  source_of = np.asarray(data.dataset_names, object)[data.dataset_index]
+
+  stages, test_cells = [], {}
+  for name in c.sources:
+    cells = np.flatnonzero(source_of == name)
+    if name in test_only:
+      test_cells[name] = cells
+      continue
+    src = c.sources[name]
+    split_col = src.get("split_column", "")
+    if split_col:
+      if split_col not in data.obs.columns:
+        raise DataError(f"source {name!r}: split column {split_col!r} not in obs; fix "
+                        f"config.canal.sources.{name}.split_column.")
+      vals = data.obs[split_col].astype(str).to_numpy()[cells]
+      order = split_list(src.get("split_values", "")) or sorted(set(vals))
+      parts = [(f"{name}:{v}", cells[vals == v]) for v in order]
+    else:
+      parts = [(name, cells)]
+    for stage_name, sc in parts:
+      if len(sc) == 0:
+        raise DataError(f"stage {stage_name!r} has no cells; fix config.canal.sources.{name}."
+                        "split_values.")
+      rest, test = _split(sc, labels[sc], c.test_fraction, config.seed)
+      train, val = _split(rest, labels[rest], c.val_fraction, config.seed + 1)
+      stages.append(AnnotStage(stage_name, name, train, val, test))
+  order = split_list(c.stage_order)
+  if order:
+    by = {s.name: s for s in stages}
+    bad = [o for o in order if o not in by]
+    if bad:
+      raise DataError(f"config.canal.stage_order names unknown stages {bad}; known: {list(by)}")
+    stages = [by[o] for o in order]
+  withheld = split_list(c.withhold)
+  if withheld:
+    for s in stages:
+      s.train_cells = s.train_cells[~np.isin(labels[s.train_cells], withheld)]
+      s.val_cells = s.val_cells[~np.isin(labels[s.val_cells], withheld)]
+  for s in stages:
+    if len(s.train_cells) == 0:
+      raise DataError(f"stage {s.name!r} has no training cells left; check config.canal.withhold "
+                      "and config.canal.test_fraction.")
+  return Stream(data=data, labels=labels, stages=stages, test_only=test_cells, withheld=withheld)

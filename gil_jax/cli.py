@@ -1,0 +1,100 @@
+"""`gil-jax` console entry: train (annotation), annotate and embed.
+
+  gil-jax train    --config configs/canal_pancreas.py --workdir RUN [--config.canal.mode=...]
+  gil-jax annotate --workdir RUN --input query.h5ad --output annotated.h5ad
+  gil-jax embed    --workdir RUN --input query.h5ad --output embedded.h5ad
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args) -> int:
+  from gil_jax.canal import loop, report
+  config = _load_config(args.config, args.overrides)
+  results = loop.train_annotation(config, args.workdir, progress_bar=not args.quiet)
+  print(report.console_summary(results))
+  print(f"results: {args.workdir}/results.json, report: {args.workdir}/report.md")
+  return 0
+
+
+def _load_config(path: str, overrides: list[str]):
+  """get_config() of a config file, with `--config.a.b=value` overrides (unknown fields fail)."""
+  import ast
+  import importlib.util
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # so `from configs import x` works
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location("gil_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  config.lock()
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise SystemExit(f"unexpected argument {item!r}; overrides look like --config.a.b=value")
+    key, value = item[len("--config."):].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    if isinstance(old, str):
+      node[leaf] = value
+    elif isinstance(old, bool):
+      node[leaf] = value.lower() in ("1", "true", "yes")
+    else:
+      node[leaf] = type(old)(ast.literal_eval(value))
+  return config
+
+
+def _annotate(args, embed_only: bool) -> int:
+  from gil_jax.canal import annotate
+  summary = annotate.annotate_file(args.workdir, args.input, args.output, embed_only=embed_only,
+                                   layer=args.layer, normalisation=args.normalisation,
+                                   gene_column=args.gene_column,
+                                   min_shared_genes=args.min_shared_genes)
+  for k, v in summary.items():
+    print(f"{k}: {v}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="gil-jax", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="continual annotation training (configs/canal_*.py)")
+  t.add_argument("--config", required=True)
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--quiet", action="store_true")
+  for name in ("annotate", "embed"):
+    p = sub.add_parser(name, help=f"{name} a query .h5ad with a trained workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--input", required=True, help="query .h5ad (never modified)")
+    p.add_argument("--output", required=True, help="output .h5ad (must differ from --input)")
+    p.add_argument("--layer", default="", help="layer holding the values ('' = X)")
+    p.add_argument("--gene-column", default="", help="var column with gene ids ('' = var_names)")
+    p.add_argument("--normalisation", default="auto",
+                   choices=("auto", "log1p_cp10k", "log1p", "none"),
+                   help="auto: log1p_cp10k for integer counts, else none (pre-normalised)")
+    p.add_argument("--min-shared-genes", type=int, default=None,
+                   help="fail when fewer query genes are in the vocabulary "
+                        "(default: config.canal.min_shared_genes of the run)")
+  args, rest = parser.parse_known_args(argv)
+  if args.command == "train":
+    args.overrides = rest
+    return _train(args)
+  if rest:
+    parser.error(f"unrecognised arguments: {rest}")
+  try:
+    return _annotate(args, embed_only=args.command == "embed")
+  except (ValueError, FileNotFoundError) as e:
+    print(f"gil-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

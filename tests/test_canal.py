@@ -1,0 +1,237 @@
+"""CANAL: head masking, bank, λ_t, novelty rule, annotate round trip and bad inputs."""
+
+import hashlib
+import os
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from gil_jax.canal import annotate, bank, head, labels, loop, loss, metrics, novelty
+from gil_jax.canal.model import WorkdirError
+from gil_jax.config_base import base_config
+from gil_jax.data import simulate
+from gil_jax.data.anndata_io import DataError
+
+
+def _sim(tmp_path, name="sim.h5ad", **kw):
+  cfg = dict(n_cells=360, n_genes=80, n_cell_types=4, n_modules=8, n_batches=2)
+  cfg.update(kw)
+  a = simulate.simulate(simulate.SimConfig(**cfg))[0]
+  path = str(tmp_path / name)
+  a.write_h5ad(path)
+  return path, a
+
+
+def _config(path, **canal):
+  c = base_config("exceiver")
+  c.experiment = "canal_test"
+  c.canal.sources = ml_collections.ConfigDict(dict(sim=dict(
+      file=path, label_column="cell_type", normalisation="log1p_cp10k", split_column="batch",
+      split_values="")))
+  c.genes.capacity = 128
+  c.batch.batch_size = 16
+  c.batch.n_tokens = 32
+  c.eval.batch_size = 32
+  c.model.update(d_model=16, n_heads=2, n_layers=1, n_latents=8)
+  c.canal.update(dict(hidden1=16, hidden2=8, max_classes=8, bank_size=24, novelty_mix=8,
+                      min_shared_genes=20))
+  c.train.steps_per_stage = 3
+  c.canal.update(canal)
+  return c
+
+
+# ------------------------------------------------------------------ head
+
+def test_inactive_classes_have_zero_probability_and_old_logits_unchanged():
+  hp = head.init_head(jax.random.PRNGKey(0), 6, (5, 4), 8)
+  emb = jax.random.normal(jax.random.PRNGKey(1), (3, 6))
+  _, z = head.from_manifold(hp, head.manifold(hp, emb))
+  a1 = jnp.array([True, True, True] + [False] * 5)
+  a2 = a1.at[3].set(True).at[4].set(True)
+  p1 = jax.nn.softmax(head.mask_logits(z, a1))
+  assert np.all(np.asarray(p1)[:, 3:] == 0.0)
+  np.testing.assert_allclose(np.asarray(p1).sum(1), 1.0, rtol=1e-6)
+  z2 = head.mask_logits(z, a2)
+  np.testing.assert_array_equal(np.asarray(z2)[:, :3], np.asarray(head.mask_logits(z, a1))[:, :3])
+  assert np.all(np.asarray(jax.nn.softmax(z2))[:, 3:5] > 0)
+
+
+def test_smoothed_ce_uses_only_active_classes():
+  z = jnp.zeros((1, 6))
+  active = jnp.array([True, True, False, False, False, False])
+  ce = loss.smoothed_ce(head.mask_logits(z, active), jnp.array([0]), active, 0.1)
+  np.testing.assert_allclose(float(ce[0]), np.log(2.0), rtol=1e-6)
+
+
+def test_lambda_t_formula():
+  assert float(loss.lambda_t(0.1, 7, 10)) == pytest.approx(0.07)
+  assert float(loss.lambda_t(0.1, 0, 5)) == 0.0
+
+
+# ------------------------------------------------------------------ bank
+
+def test_bank_class_balance_size_and_ranking():
+  rng = np.random.default_rng(0)
+  protos = np.eye(4, 3)
+  h = rng.normal(size=(60, 3))
+  labs = np.repeat([0, 1, 2], 20)
+  labs[40:57] = 1  # class 2 keeps only 3 cells
+  cells = np.arange(100, 160)
+  b = bank.update(bank.empty(12), h, labs, cells, protos, n_classes_seen=3, stage=0)
+  counts = bank.class_counts(b)
+  assert counts == {0: 4, 1: 4, 2: 3} and len(b["cells"]) == 12
+  sel0 = b["cells"][(b["labels"] == 0) & bank.occupied(b)] - 100
+  best = np.argsort(-(h[:20] @ protos[0]))[:4]
+  assert set(sel0) == set(best)
+  # a second stage with a new class: budget 12 // 4 = 3 per class, best ranks kept
+  b2 = bank.update(b, h[:20], np.full(20, 3), np.arange(200, 220), protos, 4, stage=1)
+  c2 = bank.class_counts(b2)
+  assert c2 == {0: 3, 1: 3, 2: 3, 3: 3} and bank.occupied(b2).sum() <= 12
+  assert set(b2["rank"][b2["labels"] == 0]) == {1, 2, 3}
+
+
+# ------------------------------------------------------------------ novelty / metrics
+
+def test_novelty_threshold_flags_constructed_outliers():
+  hp = head.init_head(jax.random.PRNGKey(0), 4, (4, 4), 4)
+  hp["fc1"]["w"] = jnp.eye(4)
+  hp["fc1"]["b"] = jnp.zeros(4)
+  hp["fc2"]["w"] = jnp.eye(4)
+  hp["fc2"]["b"] = jnp.zeros(4)
+  hp["cls"]["w"] = 4.0 * jnp.eye(4)
+  hp["cls"]["b"] = jnp.zeros(4)
+  active = np.array([True, True, True, False])
+  rng = np.random.default_rng(0)
+  known = np.eye(4)[rng.integers(0, 3, 40)] * 3.0
+  novel = np.full((10, 4), 0.3)
+  m = np.concatenate([known, novel]).astype(np.float32)
+  _, z = head.from_manifold(hp, jnp.asarray(m))
+  z = head.mask_logits(z, jnp.asarray(active))
+  res = novelty.canal_rule(np.asarray(z), m, hp, active, n_mix=16)
+  assert res.unassigned[40:].all() and not res.unassigned[:40].any()
+  val = novelty.validation_rule(np.asarray(z), np.asarray(z)[:40], active, quantile=1.0)
+  assert val.unassigned[40:].all() and not val.unassigned[:40].any()
+
+
+def test_metrics_bwt_forgetting_h():
+  acc = [[0.9, None], [0.7, 0.8]]
+  assert metrics.bwt(acc) == pytest.approx(-0.2)
+  assert metrics.forgetting(acc) == pytest.approx(0.2)
+  n = metrics.novel_metrics(["a", "b", "x", "x"], ["a", "a", "Unassigned", "b"], ["x"])
+  assert n["known_accuracy"] == 0.5 and n["unknown_accuracy"] == 0.5
+  assert n["h_score"] == pytest.approx(0.5)
+
+
+def test_label_map_and_unknown_label():
+  m = labels.parse_label_map("alpha; beta cell=beta")
+  assert list(labels.harmonise(["alpha", "beta cell"], m, "s")) == ["alpha", "beta"]
+  with pytest.raises(labels.LabelError, match="config.canal.label_map"):
+    labels.harmonise(["gamma"], m, "s")
+  v = labels.LabelVocab(3)
+  v.activate(["b", "a"], 0)
+  assert v.names == ["a", "b"] and v.activate(["c", "a"], 1) == ["c"]
+  assert v.active_mask(0).tolist() == [True, True, False]
+  with pytest.raises(labels.LabelError, match="max_classes"):
+    v.activate(["d"], 2)
+
+
+# ------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("canal")
+  path, a = _sim(tmp)
+  c = _config(path)
+  res = loop.train_annotation(c, str(tmp / "run"))
+  return tmp, path, a, res
+
+
+def test_training_results_and_no_recompile(trained):
+  tmp, _, _, res = trained
+  a = res["annotation"]
+  assert res["compilations"]["train_step"] == 1
+  assert len(a["accuracy_matrix"]) == 2 and a["accuracy_matrix"][0][1] is None
+  assert set(a["final"]) == {"accuracy", "macro_f1", "ari"} and isinstance(a["bwt"], float)
+  assert a["novel"] is None
+  assert os.path.exists(tmp / "run" / "confusion.png") and os.path.exists(tmp / "run" / "report.md")
+  assert sum(res["stages"][-1]["bank_per_class"].values()) <= 24
+
+
+def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
+  tmp, path, a, _ = trained
+  digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  out = str(tmp_path / "annotated.h5ad")
+  summary = annotate.annotate_file(str(tmp / "run"), path, out)
+  assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+  r = ad.read_h5ad(out)
+  assert r.n_obs == a.n_obs and r.obsm["X_gil"].shape == (a.n_obs, 16)
+  assert {"gil_cell_type", "gil_novelty_score", "gil_unassigned"} <= set(r.obs.columns)
+  assert summary["dropped_unknown_genes"] == 0
+  names = set(a.obs["cell_type"].astype(str)) | {labels.UNASSIGNED}
+  assert set(r.obs["gil_cell_type"]) <= names
+  assert np.isfinite(r.obs["gil_novelty_score"].to_numpy()).all()
+  emb = str(tmp_path / "emb.h5ad")
+  annotate.annotate_file(str(tmp / "run"), path, emb, embed_only=True)
+  e = ad.read_h5ad(emb)
+  assert "X_gil" in e.obsm and "gil_cell_type" not in e.obs
+
+
+def test_annotate_bad_inputs(trained, tmp_path):
+  tmp, path, a, _ = trained
+  few = a[:, :10].copy()
+  few_path = str(tmp_path / "few.h5ad")
+  few.write_h5ad(few_path)
+  with pytest.raises(annotate.QueryError, match="shares only 10 .* at least 20"):
+    annotate.annotate_file(str(tmp / "run"), few_path, str(tmp_path / "o.h5ad"))
+  with pytest.raises(annotate.QueryError, match="never modified in place"):
+    annotate.annotate_file(str(tmp / "run"), path, path)
+  with pytest.raises(WorkdirError, match="no checkpoints"):
+    annotate.annotate_file(str(tmp_path / "empty"), path, str(tmp_path / "o.h5ad"))
+
+
+def test_training_file_label_errors(tmp_path):
+  path, a = _sim(tmp_path, n_cells=60)
+  with pytest.raises(DataError, match="label column 'celltype' not found"):
+    loop.build_stream(_cfg_with(path, label_column="celltype"))
+  b = a.copy()
+  b.obs["cell_type"] = b.obs["cell_type"].astype(object)
+  b.obs.iloc[0, b.obs.columns.get_loc("cell_type")] = None
+  bad = str(tmp_path / "nolab.h5ad")
+  b.write_h5ad(bad)
+  with pytest.raises(DataError, match="1 of .* cells have no label"):
+    loop.build_stream(_config(bad))
+  with pytest.raises(labels.LabelError, match="no entry in the label map"):
+    loop.build_stream(_config(path, label_map="type0=T0; type1=T1"))
+
+
+def _cfg_with(path, **src):
+  c = _config(path)
+  c.canal.sources.sim.update(src)
+  return c
+
+
+def test_novelty_setting_and_cli(tmp_path):
+  from gil_jax import cli
+  path, _ = _sim(tmp_path)
+  c = _config(path, withhold="type0")
+  res = loop.train_annotation(c, str(tmp_path / "nov"))
+  n = res["annotation"]["novel"]
+  assert n is not None and 0.0 <= n["h_score"] <= 1.0 and n["withheld"] == ["type0"]
+  assert "type0" not in res["annotation"]["classes"]
+  rc = cli.main(["annotate", "--workdir", str(tmp_path / "nowhere"), "--input", path,
+                 "--output", str(tmp_path / "x.h5ad")])
+  assert rc == 2
+
+
+def test_workdir_without_finished_stage(tmp_path):
+  from gil_jax.checkpoint import Checkpointer
+  ck = Checkpointer(str(tmp_path / "w"))
+  ck.save(1, {"x": np.zeros(2, np.float32)}, {"progress": {"stage": 0, "stage_done": False}})
+  ck.close()
+  path, _ = _sim(tmp_path, n_cells=40)
+  with pytest.raises(WorkdirError, match="no checkpoint of a finished stage"):
+    annotate.annotate_file(str(tmp_path / "w"), path, str(tmp_path / "o.h5ad"))
