@@ -127,7 +127,8 @@ def tables(all_res: dict) -> str:
             "held-out cells; lower is better)", "", markdown_table(hdr, rows), ""]
     if n == 2:
       avg = {m: regression_rows(r)[2][-1] for m, r in by_method.items() if m != "oracle"}
-      out += ["Average Δ here vs paper (3 settings): " + ", ".join(
+      out += ["Δ here (this one setting) vs the paper's average Δ over its three 2-stage "
+              "settings: " + ", ".join(
           f"{m} {avg[m]} vs {PAPER_T1_AVG.get(m)}" for m in avg), ""]
     # classification (Table 3 layout)
     blk = any_res.get("gene_classification")

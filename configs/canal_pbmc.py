@@ -30,5 +30,5 @@ def get_config():
   c.canal.test_only = "indrops"
   c.canal.label_map = PBMC_LABELS
   c.canal.drop_labels = "MK, HSC"
-  c.genes.capacity = 4096
+  c.genes.capacity = 8192
   return c

@@ -6,13 +6,14 @@ arrays when the vocabulary is large). Everything not matched by a rule is replic
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
+GENES = "genes"  # = gil_jax.models.common.GENES (not imported: parallel stays model-agnostic)
 
 
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
@@ -49,19 +50,62 @@ def batch_shardings(mesh: Mesh, batch: Any) -> Any:
   return jax.tree.map(lambda _: data_sharded(mesh), batch)
 
 
-def gene_row_spec(shape: tuple[int, ...], capacity: int, mesh: Mesh) -> P:
-  """Rows of a gene-table-shaped array go on the 'model' axis when it divides the capacity."""
-  n_model = mesh.shape[MODEL]
-  if n_model > 1 and len(shape) >= 1 and shape[0] == capacity and capacity % n_model == 0:
-    return P(MODEL)
+def _names(path: Any) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def is_gene_table_leaf(path: Any, shape: tuple[int, ...], capacity: int) -> bool:
+  """A per-gene array: under a ``genes`` subtree (``models.is_gene_param`` for params; the same
+  subtree mirrored inside optimizer moments and loss-transform states such as a Fisher or a
+  teacher copy) with leading dimension ``capacity``, or the ``active_genes`` mask. The path
+  decides; the leading-dim check only guards against a non-table leaf under ``genes``."""
+  names = _names(path)
+  if not shape or shape[0] != capacity:
+    return False
+  return GENES in names or (bool(names) and names[-1] == "active_genes")
+
+
+# The sharding rules, in order; the first that matches a leaf decides its PartitionSpec, and a
+# leaf no rule matches is replicated. (name, predicate(path, shape, capacity), spec)
+RULES: tuple[tuple[str, Callable[..., bool], P], ...] = (
+    ("gene-table rows on 'model'", is_gene_table_leaf, P(MODEL)),
+)
+
+
+def leaf_spec(path: Any, shape: tuple[int, ...], capacity: int, mesh: Mesh) -> P:
+  """PartitionSpec of one state leaf under RULES (replicated when no rule applies or the
+  sharded axis does not divide evenly)."""
+  for _, applies, spec in RULES:
+    if applies(path, shape, capacity):
+      axis = spec[0]
+      n = mesh.shape[axis] if axis is not None else 1
+      if n == 1 or shape[0] % n:
+        return P()
+      return spec
   return P()
 
 
+def gene_row_spec(shape: tuple[int, ...], capacity: int, mesh: Mesh) -> P:
+  """Spec of an array known to be gene-table-shaped (kept for callers without a path)."""
+  return leaf_spec(("genes",), shape, capacity, mesh)
+
+
 def state_shardings(mesh: Mesh, abstract_state: Any, capacity: int) -> Any:
-  """Sharding for every leaf of a train state: gene-row arrays on 'model', the rest replicated."""
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, gene_row_spec(tuple(getattr(x, "shape", ())), capacity, mesh)),
+  """Sharding for every leaf of a train state (params, optimizer moments, transform states):
+  gene-table rows on 'model' (see RULES), everything else replicated."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, leaf_spec(path, tuple(getattr(x, "shape", ())),
+                                                    capacity, mesh)),
       abstract_state)
+
+
+def describe_shardings(shardings: Any) -> dict[str, str]:
+  """'path' -> PartitionSpec string for every non-replicated leaf (for logs and tests)."""
+  out = {}
+  for path, sh in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+    if sh.spec != P():
+      out["/".join(_names(path))] = str(sh.spec)
+  return out
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "config.batch.batch_size"):

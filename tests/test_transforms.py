@@ -53,8 +53,10 @@ def _perturb(params, scale=0.05, seed=1):
                                    for x, k in zip(leaves, keys)])
 
 
-def _term(runner, name, params, tstates, inputs, ctx):
-  return runner.loss_fn(params, tstates, inputs, ctx)[1]["metrics"][f"loss/{name}"]
+def _jit_loss(runner):
+  """(params, tstates, inputs, active) -> (loss, metrics), jitted (eager runs are slow)."""
+  return jax.jit(lambda p, t, i, a: (lambda l, aux: (l, aux["metrics"]))(
+      *runner.loss_fn(p, t, i, _ctx(a))))
 
 
 def test_unknown_names_list_known_ones():
@@ -76,15 +78,18 @@ def test_first_stage_terms_are_exact_noops():
   state = runner._state0
   inputs = runner.inputs_for(state, batches[0], feed)
   assert not inputs["replay"].cell_mask.any()
-  ctx = _ctx(vocab.active_mask(0))
+  active = vocab.active_mask(0)
   params = _perturb(state.params)  # away from every anchor: terms are still 0 (no importance)
-  loss, aux = runner.loss_fn(params, state.transforms, inputs, ctx)
-  task, _ = runner.task_loss(params, {}, inputs, ctx)
+  loss_and_grad = jax.jit(jax.value_and_grad(
+      lambda p, t, i, a: runner.loss_fn(p, t, i, _ctx(a))[0]))
+  loss, grads = loss_and_grad(params, state.transforms, inputs, active)
+  _, metrics = _jit_loss(runner)(params, state.transforms, inputs, active)
   for name in ALL.split(","):
-    assert float(aux["metrics"][f"loss/{name}"]) == 0.0 or name == "replay", name
+    if name != "replay":  # replay reports its (empty-batch) loss, which is not added
+      assert float(metrics[f"loss/{name}"]) == 0.0, name
+  task = metrics["loss/expression"]
   assert np.isfinite(float(loss))
   np.testing.assert_allclose(float(loss), float(task), rtol=1e-6)
-  grads = jax.grad(lambda p: runner.loss_fn(p, state.transforms, inputs, ctx)[0])(params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
@@ -109,12 +114,13 @@ def test_zero_at_anchor_and_gradient_points_to_it(name):
   end = _end(runner, anchor, vocab, 0, batches, plan)
   tstates = runner.transform.consolidate(state.transforms, anchor, end)
   # Stage-0 batch and genes: every token is an old gene, so the distill teacher sees it all.
-  inputs, ctx = {"main": batches[0]}, _ctx(vocab.active_mask(0))
-  at_anchor = float(_term(runner, name, anchor, tstates, inputs, ctx))
+  inputs, active = {"main": batches[0]}, vocab.active_mask(0)
+  f = jax.jit(lambda p: runner.loss_fn(p, tstates, inputs, _ctx(active))[1]["metrics"][
+      f"loss/{name}"])
+  at_anchor = float(f(anchor))
   assert abs(at_anchor) < 1e-7, at_anchor
   away = _perturb(anchor, scale=0.05, seed=4)
-  f = lambda p: _term(runner, name, p, tstates, inputs, ctx)
-  value, grad = jax.value_and_grad(f)(away)
+  value, grad = jax.jit(jax.value_and_grad(f))(away)
   assert float(value) > 0
   # A small step along -grad lowers the term, i.e. moves the params (or outputs) to the anchor.
   step = jax.tree.map(lambda p, g: p - 1e-3 * g / (1e-12 + optax_norm(grad)), away, grad)
@@ -160,11 +166,9 @@ def test_replay_cells_keep_their_own_stage_genes_and_concat_pooling():
   again = runner.inputs_for(state, b1[0], feed)                    # deterministic in (seed, step)
   np.testing.assert_array_equal(again["replay"].gene_ids, rep.gene_ids)
   # Concat pooling: a replay batch identical to the main batch leaves the loss unchanged.
-  ctx = _ctx(vocab1.active_mask(1))
   same = dict(inputs, replay=b1[0], replay_weight=np.ones_like(inputs["replay_weight"]))
-  pooled, _ = runner.loss_fn(state.params, tstates, same, ctx)
-  task, _ = runner.task_loss(state.params, {}, same, ctx)
-  np.testing.assert_allclose(float(pooled), float(task), rtol=1e-5)
+  pooled, metrics = _jit_loss(runner)(state.params, tstates, same, vocab1.active_mask(1))
+  np.testing.assert_allclose(float(pooled), float(metrics["loss/expression"]), rtol=1e-5)
 
 
 def test_chain_respects_order():
@@ -199,7 +203,8 @@ def test_state_survives_checkpoint_round_trip(tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_without_retrace(tmp_path):
-  config = tiny_config(loss_transforms="replay,distill,ewc", **{"mesh.data": 1})
+  config = tiny_config(loss_transforms="replay,distill,ewc",
+                       **{"mesh.data": 1, "ewc.n_batches": 2})
   full = loop.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
   assert full["compilations"]["train_step"] == 1  # transform state updates never recompile
   m = np.array(full["gene_regression"]["matrix"], dtype=float)

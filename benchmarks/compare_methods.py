@@ -1,0 +1,166 @@
+"""Compares continual-learning methods over seeds on one config; writes compare.{md,json,png}.
+
+  python benchmarks/compare_methods.py --config configs/gil_synthetic.py \
+      --methods baseline,replay,distill,ewc,oracle --seeds 0,1,2 --workdir runs/compare
+
+Any `--config.a.b=value` override applies to every run (e.g. a real dataset stream:
+`--config.data.source=h5ad --config.data.files=pbmc_3chem_symphony,kang_pbmc_muscat
+--config.stages.plan=dataset_stream`). Each (method, seed) runs in
+`<workdir>/<method>/seed<k>` and is resumed / reused when rerun. `config.seed` drives the stage
+plan, the initialisation and the batches; the simulated data stay fixed (`config.data.sim.seed`).
+
+Columns: forgetting Δ per stage (MSE on stage j's genes after the last stage − right after stage
+j; only stages whose genes are not trained on in the last stage), average Δ, final average MSE
+over all seen genes (mean of the last row of the results matrix over stages), wall time of the
+run (training, consolidation and evaluation, including compilation). Mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gil_jax.eval import report  # noqa: E402
+from gil_jax.train import loop  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("methods", "baseline,replay,distill,ewc,oracle", "Comma-separated presets.")
+flags.DEFINE_string("seeds", "0,1,2", "Comma-separated config.seed values.")
+flags.DEFINE_string("workdir", None, "Output directory.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_one(config, workdir: str) -> dict:
+  """results.json of one run plus its wall time (reused when the run already finished)."""
+  timing = os.path.join(workdir, "wall_time.json")
+  if os.path.exists(os.path.join(workdir, "results.json")) and os.path.exists(timing):
+    with open(os.path.join(workdir, "results.json")) as f:
+      results = json.load(f)
+    with open(timing) as f:
+      results["wall_s"] = json.load(f)["wall_s"]
+    return results
+  t0 = time.time()
+  results = loop.train_and_evaluate(config, workdir, progress_bar=False)
+  wall = time.time() - t0
+  with open(timing, "w") as f:
+    json.dump({"wall_s": wall}, f)
+  results["wall_s"] = wall
+  return results
+
+
+def summarise(per_run: dict[str, list[dict]]) -> dict:
+  out = {}
+  for method, runs in per_run.items():
+    names = runs[0]["gene_regression"]["stage_names"]
+    per_stage = np.array([[np.nan if v is None else v for v in r["forgetting"]["per_stage"]]
+                          for r in runs], float)
+    avg = np.array([np.nan if r["forgetting"]["average"] is None else r["forgetting"]["average"]
+                    for r in runs], float)
+    final = np.array([np.nanmean([np.nan if v is None else v
+                                  for v in r["gene_regression"]["matrix"][-1]]) for r in runs])
+    wall = np.array([r["wall_s"] for r in runs], float)
+    stat = lambda x: {"mean": float(np.nanmean(x)), "std": float(np.nanstd(x)),
+                      "values": [None if np.isnan(v) else float(v) for v in np.atleast_1d(x)]}
+    out[method] = {
+        "stage_names": names,
+        "forgetting_per_stage": {n: stat(per_stage[:, j]) for j, n in enumerate(names)
+                                 if not np.all(np.isnan(per_stage[:, j]))},
+        "average_forgetting": stat(avg), "final_average_mse": stat(final), "wall_s": stat(wall),
+        "final_row": [list(r["gene_regression"]["matrix"][-1]) for r in runs],
+    }
+  return out
+
+
+def _pm(s: dict) -> str:
+  return f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def markdown(summary: dict, seeds: list[int], config) -> str:
+  methods = list(summary)
+  stage_cols = list(summary[methods[0]]["forgetting_per_stage"])
+  header = ["method"] + [f"Δ {n}" for n in stage_cols] + ["average Δ", "final avg MSE",
+                                                          "wall s"]
+  rows = []
+  for m in methods:
+    s = summary[m]
+    rows.append([m] + [_pm(s["forgetting_per_stage"][n]) for n in stage_cols]
+                + [_pm(s["average_forgetting"]), _pm(s["final_average_mse"]),
+                   f"{s['wall_s']['mean']:.0f}"])
+  base = summary.get("baseline")
+  lines = [f"# Method comparison: {config.experiment}", "",
+           f"Seeds {seeds} (mean ± std). Data: `{config.data.source}`, plan "
+           f"`{config.stages.plan}`. Δ = MSE on a stage's genes after the last stage − right "
+           "after that stage (lower is better).", "", report.markdown_table(header, rows), ""]
+  if base is not None and base["average_forgetting"]["mean"]:
+    b = base["average_forgetting"]["mean"]
+    lines += ["Average Δ relative to baseline: " + ", ".join(
+        f"{m} {summary[m]['average_forgetting']['mean'] / b:.2f}×" for m in methods), ""]
+  lines += ["![comparison](compare.png)", ""]
+  return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  methods = list(summary)
+  stage_cols = list(summary[methods[0]]["forgetting_per_stage"])
+  fig, axes = plt.subplots(1, 2, figsize=(4 + 1.4 * len(methods), 3.6))
+  width = 0.8 / max(len(stage_cols), 1)
+  x = np.arange(len(methods))
+  for j, n in enumerate(stage_cols):
+    axes[0].bar(x + j * width, [summary[m]["forgetting_per_stage"][n]["mean"] for m in methods],
+                width, yerr=[summary[m]["forgetting_per_stage"][n]["std"] for m in methods],
+                label=f"genes of {n}")
+  axes[0].axhline(0, color="k", lw=0.8)
+  axes[0].set_xticks(x + width * (len(stage_cols) - 1) / 2, methods, rotation=30, ha="right")
+  axes[0].set_ylabel("forgetting Δ (MSE)")
+  axes[0].legend(fontsize=8)
+  axes[1].bar(x, [summary[m]["final_average_mse"]["mean"] for m in methods],
+              yerr=[summary[m]["final_average_mse"]["std"] for m in methods], color="tab:gray")
+  axes[1].set_xticks(x, methods, rotation=30, ha="right")
+  axes[1].set_ylabel("final average MSE (all seen genes)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
+  seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  per_run: dict[str, list[dict]] = {}
+  for m in methods:
+    for s in seeds:
+      config = FLAGS.config.copy_and_resolve_references()
+      config.unlock()
+      config.method, config.seed = m, s
+      results = run_one(config, os.path.join(FLAGS.workdir, m, f"seed{s}"))
+      per_run.setdefault(m, []).append(results)
+      print(json.dumps({"method": m, "seed": s, "average_forgetting":
+                        results["forgetting"]["average"], "wall_s": round(results["wall_s"], 1)}),
+            flush=True)
+  summary = summarise(per_run)
+  with open(os.path.join(FLAGS.workdir, "compare.json"), "w") as f:
+    json.dump({"methods": methods, "seeds": seeds, "summary": summary}, f, indent=1)
+  with open(os.path.join(FLAGS.workdir, "compare.md"), "w") as f:
+    f.write(markdown(summary, seeds, FLAGS.config))
+  plot(summary, os.path.join(FLAGS.workdir, "compare.png"))
+  print(json.dumps({m: {"average_forgetting": summary[m]["average_forgetting"]["mean"],
+                        "final_average_mse": summary[m]["final_average_mse"]["mean"]}
+                    for m in methods}, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

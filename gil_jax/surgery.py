@@ -1,0 +1,57 @@
+"""Growing the gene table past its capacity: pad params, optimizer state and transform state.
+
+Every gene-table-shaped leaf of a train state (``parallel.is_gene_table_leaf``: under a ``genes``
+subtree, leading dim = capacity, or the ``active_genes`` mask) gets new rows; everything else is
+kept as is. New rows of the params come from a fresh init of the model at the new capacity (so
+they look like rows that were never trained); new rows of optimizer moments, transform states
+(Fisher, teacher copies, anchors) and the active mask are zero / False, which is exactly what
+padded capacity would have held had it been allocated from the start. Old rows are copied
+bit-for-bit, so a batch that only uses old genes gives the same loss and update after growth.
+
+The compiled train step must be rebuilt for the new shapes: one recompilation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gil_jax.parallel import is_gene_table_leaf
+
+
+def _pad_rows(x: jax.Array, new_capacity: int) -> jax.Array:
+  pad = [(0, new_capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+  return jnp.pad(x, pad)
+
+
+def grow_tree(tree: Any, old_capacity: int, new_capacity: int) -> Any:
+  """Zero-pads the rows of every gene-table-shaped leaf of ``tree`` to ``new_capacity``."""
+  if new_capacity < old_capacity:
+    raise ValueError(f"new capacity {new_capacity} < current {old_capacity}: the gene table "
+                     "only grows (config.genes.capacity)")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: _pad_rows(x, new_capacity)
+      if is_gene_table_leaf(p, tuple(jnp.shape(x)), old_capacity) else x, tree)
+
+
+def grow_params(params: Any, fresh_params: Any, old_capacity: int) -> Any:
+  """``fresh_params`` (a new init at the larger capacity) with the old rows / leaves copied in."""
+  def merge(path, old, new):
+    if is_gene_table_leaf(path, tuple(old.shape), old_capacity):
+      return new.at[:old_capacity].set(old)
+    if old.shape != new.shape:
+      raise ValueError(f"param {jax.tree_util.keystr(path)} changed shape {old.shape} -> "
+                       f"{new.shape} but is not a gene-table leaf; only the gene table can grow")
+    return old
+  return jax.tree_util.tree_map_with_path(merge, params, fresh_params)
+
+
+def grow_state(state: Any, old_capacity: int, new_capacity: int, fresh_params: Any) -> Any:
+  """A TrainState with a ``new_capacity``-row gene table (see module docstring).
+
+  ``fresh_params``: ``model.init`` of the same backbone built with ``new_capacity`` rows.
+  """
+  grown = grow_tree(state, old_capacity, new_capacity)
+  return grown.replace(params=grow_params(state.params, fresh_params, old_capacity))
