@@ -20,7 +20,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   # Per-transform hyperparameters: one section per transform name (gil_jax/losses/*.py), e.g.
   # --config.method=ewc --config.ewc.weight=100. Only the sections of listed transforms are read.
   c.replay = ml_collections.ConfigDict(dict(
-      buffer_size=200, per_stage=0, mode="concat", weight=1.0, batch_size=0, include_base=False))
+      buffer_size=200, per_stage=0, mode="batch", weight=1.0, batch_size=0, include_base=False))
   c.oracle = ml_collections.ConfigDict(dict(mode="concat", weight=1.0, batch_size=0,
                                             include_base=True))
   c.distill = ml_collections.ConfigDict(dict(weight=5.0, mode="output", feature_weight=1.0))

@@ -37,15 +37,22 @@ class AnnotState:
 
 
 def init_params(backbone, config: ml_collections.ConfigDict, key) -> dict:
-  kb, kd, kh = jax.random.split(key, 3)
+  """Backbone + head params, initialised in one jitted call (eager flax init dispatches and
+  compiles hundreds of tiny ops: ~17 s on a loaded 2-core CPU against ~1 s jitted)."""
   b = empty_batch(config.batch.batch_size, config.batch.n_tokens)
-  bparams = backbone.init({"params": kb, "dropout": kd}, b.gene_ids, b.values, b.token_mask,
-                          b.pred_mask, False)["params"]
-  emb = backbone.apply({"params": bparams}, b.gene_ids, b.values, b.token_mask, b.pred_mask,
-                       False)["cell_emb"].shape[-1]
   c = config.canal
-  return {"backbone": bparams,
-          "head": head_lib.init_head(kh, emb, (c.hidden1, c.hidden2), c.max_classes)}
+
+  def init(key):
+    kb, kd, kh = jax.random.split(key, 3)
+    bparams = backbone.init({"params": kb, "dropout": kd}, b.gene_ids, b.values, b.token_mask,
+                            b.pred_mask, False)["params"]
+    emb = jax.eval_shape(lambda p: backbone.apply({"params": p}, b.gene_ids, b.values,
+                                                  b.token_mask, b.pred_mask, False),
+                         bparams)["cell_emb"].shape[-1]
+    return {"backbone": bparams,
+            "head": head_lib.init_head(kh, emb, (c.hidden1, c.hidden2), c.max_classes)}
+
+  return jax.jit(init)(key)
 
 
 def _block_names(bparams: dict) -> list[str]:
