@@ -140,12 +140,31 @@ def test_label_map_and_unknown_label():
 
 
 # ------------------------------------------------------------------ end to end
+# One tiny gene-incremental (GIL) workdir and one CANAL run initialised from it are shared by
+# every end-to-end test below (compilation dominates their cost).
+
+GIL_GENES = 64   # the GIL run's vocabulary: G00001..G00064
+CANAL_GENES = 80  # the annotation data: 16 more genes, unknown to the GIL vocabulary
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def gil_run(tmp_path_factory):
+  from gil_jax.train.loop import train_and_evaluate
+  from tests.helpers import tiny_config
+  config = tiny_config("exceiver", **{
+      "data.sim.n_genes": GIL_GENES, "stages.n_stages": 1, "stages.base_stage": False,
+      "train.steps_per_stage": 2, "mesh.data": 1})
+  workdir = str(tmp_path_factory.mktemp("gil") / "run")
+  train_and_evaluate(config, workdir)
+  return workdir, config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, gil_run):
   tmp = tmp_path_factory.mktemp("canal")
-  path, a = _sim(tmp)
-  c = _config(path, withhold="type0")  # novelty setting: type0 never trained on
+  path, a = _sim(tmp, n_genes=CANAL_GENES)
+  # novelty setting: type0 never trained on; CANAL's trainable set (last block, final norm, head)
+  c = _config(path, withhold="type0", init_workdir=gil_run[0], trainable="last_blocks")
   res = loop.train_annotation(c, str(tmp / "run"))
   return tmp, path, a, res
 
@@ -163,6 +182,56 @@ def test_training_results_and_no_recompile(trained):
   assert sum(res["stages"][-1]["bank_per_class"].values()) <= 24
 
 
+def test_gil_init_loads_backbone_and_drops_unknown_genes(trained, gil_run):
+  from gil_jax.canal.model import load_gil_params
+  _, _, _, res = trained
+  init = res["annotation"]["gil_init"]
+  assert init["vocab_genes"] == GIL_GENES and init["data_genes"] == CANAL_GENES
+  assert init["mapped_genes"] == GIL_GENES and init["dropped_genes"] == CANAL_GENES - GIL_GENES
+  assert all(s["n_active_genes"] == GIL_GENES for s in res["stages"])
+  gil_params, gil_vocab, gil_cfg = load_gil_params(gil_run[0])
+  assert gil_vocab.capacity == gil_run[1].genes.capacity
+  tuned, vocab, cfg = load_gil_params(str(trained[0] / "run"))  # the annotation run's backbone
+  assert cfg["model"] == gil_cfg["model"] and vocab.gene_ids == gil_vocab.gene_ids
+  flat_gil = dict(jax.tree_util.tree_leaves_with_path(gil_params))
+  flat_tuned = dict(jax.tree_util.tree_leaves_with_path(tuned))
+  assert flat_gil.keys() == flat_tuned.keys()
+  trained_blocks = {"process_0", "latent_norm"}  # trainable='last_blocks', trainable_blocks=1
+  for path, before in flat_gil.items():
+    after = flat_tuned[path]
+    if str(getattr(path[0], "key", path[0])) in trained_blocks:
+      assert not np.array_equal(after, before), path
+    else:  # frozen: exactly the GIL checkpoint's values
+      np.testing.assert_array_equal(after, before, err_msg=str(path))
+
+
+def test_vocabularies_from_scratch_activate_stage_genes_and_types(tmp_path):
+  path, _ = _sim(tmp_path, n_cells=120, n_genes=30)
+  c = _config(path)
+  stream = loop.build_stream(c)
+  vocab, labs = loop.build_vocabs(c, stream, None)
+  assert len(vocab) == 30 and vocab.active_mask(0).sum() == 30
+  assert labs.names == sorted(set(stream.labels[stream.stages[0].train_cells]))
+  c2r = loop.columns_to_rows(stream, vocab, 0)
+  assert (c2r > 0).all() and len(set(c2r)) == 30
+
+
+def test_trainable_masks():
+  from gil_jax.canal.model import trainable_labels
+  params = {"backbone": {"genes": {"embedding": 0}, "process_0": {"w": 0}, "process_1": {"w": 0},
+                         "latent_norm": {"scale": 0}},
+            "head": {"cls": {"w": 0}}}
+  lab = trainable_labels(params, "last_blocks", 1)
+  assert lab["backbone"]["process_1"]["w"] == "train" and lab["backbone"]["latent_norm"]["scale"] == "train"
+  assert lab["backbone"]["process_0"]["w"] == "freeze" and lab["backbone"]["genes"]["embedding"] == "freeze"
+  assert lab["head"]["cls"]["w"] == "train"
+  lab = trainable_labels(params, "head", 1)
+  assert set(jax.tree.leaves(lab["backbone"])) == {"freeze"}
+  assert set(jax.tree.leaves(trainable_labels(params, "all", 0))) == {"train"}
+  with pytest.raises(ValueError, match="config.canal.trainable"):
+    trainable_labels(params, "some", 1)
+
+
 def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
   tmp, path, a, _ = trained
   digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
@@ -172,7 +241,8 @@ def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
   r = ad.read_h5ad(out)
   assert r.n_obs == a.n_obs and r.obsm["X_gil"].shape == (a.n_obs, 16)
   assert {"gil_cell_type", "gil_novelty_score", "gil_unassigned"} <= set(r.obs.columns)
-  assert summary["dropped_unknown_genes"] == 0
+  assert summary["dropped_unknown_genes"] == CANAL_GENES - GIL_GENES  # not in the vocabulary
+  assert summary["shared_genes"] == GIL_GENES
   names = set(a.obs["cell_type"].astype(str)) | {labels.UNASSIGNED}
   assert set(r.obs["gil_cell_type"]) <= names
   assert np.isfinite(r.obs["gil_novelty_score"].to_numpy()).all()

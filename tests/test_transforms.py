@@ -148,7 +148,8 @@ def test_importance_only_on_rows_active_at_the_stage_end():
 
 
 def test_replay_cells_keep_their_own_stage_genes_and_concat_pooling():
-  runner, data, plan = _setup(method="replay", **{"replay.include_base": True})
+  runner, data, plan = _setup(method="replay",
+                              **{"replay.include_base": True, "replay.mode": "concat"})
   vocab0, _, b0 = _stage(runner, data, plan, 0)
   end = _end(runner, runner._state0.params, vocab0, 0, b0, plan)
   tstates = runner.transform.consolidate(runner._state0.transforms, runner._state0.params, end)

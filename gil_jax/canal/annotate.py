@@ -16,10 +16,9 @@ import numpy as np
 import scipy.sparse as sp
 import orbax.checkpoint as ocp
 
-from gil_jax.canal import head as head_lib
 from gil_jax.canal import novelty
 from gil_jax.canal.labels import UNASSIGNED
-from gil_jax.canal.model import WorkdirError, latest_finished
+from gil_jax.canal.model import WorkdirError, eval_step_for, latest_finished
 from gil_jax.canal.stream import normalise_values
 from gil_jax.data import anndata_io, batching
 from gil_jax.data.anndata_io import DataError
@@ -98,8 +97,7 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
   params = state["params"]
   if is_canal:
     active_classes = np.asarray(state["active_classes"], bool)
-    fn = jax.jit(lambda p, b, g, a: head_lib.apply(backbone, p, b, g, a, train=False,
-                                                   rng=jax.random.PRNGKey(0)))
+    fn = eval_step_for(config.model, vocab.capacity)  # shared with training: compiled once
   else:
     def gil_embed(p, b, g, a):
       b = b.replace(pred_mask=np.zeros(b.pred_mask.shape, bool), values=b.targets)

@@ -27,7 +27,7 @@ from gil_jax.canal import bank as bank_lib
 from gil_jax.canal import loss as loss_lib  # registers canal_rkd / canal_lwf
 from gil_jax.canal import metrics, novelty, report
 from gil_jax.canal.labels import UNASSIGNED, LabelVocab
-from gil_jax.canal.model import (AnnotState, init_params, load_gil_params, make_eval_step,
+from gil_jax.canal.model import (AnnotState, eval_step_for, init_params, load_gil_params,
                                  make_train_step, make_tx)
 from gil_jax.canal.stream import Stream, build_stream
 from gil_jax.data import batching
@@ -111,7 +111,7 @@ class Annotator:
     # one placement for every leaf (numpy leaves would give the step a second cache entry)
     self.state0 = jax.device_put(self.state0, jax.devices()[0])
     self.train_step = jax.jit(make_train_step(self.loss_fn, self.tx), donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.backbone))
+    self.eval_step = eval_step_for(config.model, config.genes.capacity)
 
   def predict(self, params, active_genes, active_classes, cells, c2r) -> dict[str, np.ndarray]:
     """Eval-mode outputs for `cells` (logits, probs, m, h, cell_emb), host numpy."""

@@ -3,6 +3,8 @@ state and the pure jitted steps (train with inactive classes/genes masked; eval)
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from typing import Any
 
@@ -19,6 +21,7 @@ from gil_jax.batch import Batch, empty_batch
 from gil_jax.canal import head as head_lib
 from gil_jax.canal.loss import AnnotationContext
 from gil_jax.data.vocab import GeneVocab
+from gil_jax.models import build_model
 from gil_jax.train.state import make_optimizer, mask_gene_rows
 
 TRAINABLE = ("all", "head", "last_blocks")
@@ -38,7 +41,7 @@ class AnnotState:
 
 def init_params(backbone, config: ml_collections.ConfigDict, key) -> dict:
   """Backbone + head params, initialised in one jitted call (eager flax init dispatches and
-  compiles hundreds of tiny ops: ~17 s on a loaded 2-core CPU against ~1 s jitted)."""
+  compiles hundreds of tiny ops: ~17 s on a loaded 2-core CPU against ~2 s jitted)."""
   b = empty_batch(config.batch.batch_size, config.batch.n_tokens)
   c = config.canal
 
@@ -52,7 +55,8 @@ def init_params(backbone, config: ml_collections.ConfigDict, key) -> dict:
     return {"backbone": bparams,
             "head": head_lib.init_head(kh, emb, (c.hidden1, c.hidden2), c.max_classes)}
 
-  return jax.jit(init)(key)
+  # runs once: XLA's backend optimisations only cost compile time here (same values)
+  return jax.jit(init).lower(key).compile({"xla_backend_optimization_level": 0})(key)
 
 
 def _block_names(bparams: dict) -> list[str]:
@@ -116,6 +120,19 @@ def make_eval_step(backbone):
                           rng=jax.random.PRNGKey(0))
 
   return step
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_eval_step(model_json: str, capacity: int):
+  model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+  return jax.jit(make_eval_step(build_model(model_cfg, capacity, "mse")))
+
+
+def eval_step_for(model_cfg, capacity: int):
+  """The jitted eval step of a backbone config, shared by training runs and `annotate` in one
+  process (same function object, so XLA compilations are reused across calls)."""
+  cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+  return _cached_eval_step(json.dumps(cfg, sort_keys=True), int(capacity))
 
 
 # ------------------------------------------------------------- starting from a GIL checkpoint

@@ -10,6 +10,7 @@ normalised with the min/max of held-out validation cells of known types, τ = th
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,24 +41,52 @@ class Novelty:
   threshold: float
 
 
+def _bucket(n: int) -> int:
+  """Rows padded to a power of two (>= 64), so query sets of similar size share a compilation."""
+  return max(64, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  x = np.asarray(x)
+  return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)]) if n > len(x) else x
+
+
+@functools.partial(jax.jit, static_argnames="temperature")
+def _stats_jit(logits, active, temperature):
+  e = energy(logits, active, temperature)
+  return e, jnp.max(jax.nn.softmax(logits, -1), -1)
+
+
 def _stats(logits, active, temperature):
-  logits = jnp.asarray(logits)
-  e = np.asarray(energy(logits, active, temperature))
-  conf = np.asarray(jnp.max(jax.nn.softmax(logits, -1), -1))
-  return e, conf
+  """(energy, max probability) per cell, host numpy (one jitted call, not op-by-op)."""
+  logits = np.asarray(logits, np.float32)
+  n = len(logits)
+  e, conf = _stats_jit(jnp.asarray(_pad_rows(logits.reshape(n, -1), _bucket(n))),
+                       jnp.asarray(active), temperature=float(temperature))
+  shape = logits.shape[:-1]
+  return np.asarray(e)[:n].reshape(shape), np.asarray(conf)[:n].reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "n_mix"))
+def _mixup_jit(head, m, n_valid, active, key, temperature, n_mix):
+  kp, kl = jax.random.split(key)
+  partner = jax.random.randint(kp, (m.shape[0],), 0, n_valid)  # partners among real cells only
+  lam = jax.random.uniform(kl, (m.shape[0], n_mix, 1))
+  mixed = lam * m[:, None, :] + (1.0 - lam) * m[partner][:, None, :]
+  _, z = head_lib.from_manifold(head, mixed)
+  return _stats_jit(head_lib.mask_logits(z, active), active, temperature)
 
 
 def mixup_stats(head: dict, m: np.ndarray, active: np.ndarray, temperature: float, n_mix: int,
                 key) -> tuple[np.ndarray, np.ndarray]:
-  """Energies and confidences of n_mix manifold mixups per cell ([N, n_mix] each)."""
-  m = jnp.asarray(m)
-  kp, kl = jax.random.split(key)
-  partner = jax.random.randint(kp, (m.shape[0],), 0, m.shape[0])
-  lam = jax.random.uniform(kl, (m.shape[0], n_mix, 1))
-  mixed = lam * m[:, None, :] + (1.0 - lam) * m[partner][:, None, :]
-  _, z = head_lib.from_manifold(head, mixed)
-  z = head_lib.mask_logits(z, jnp.asarray(active))
-  return _stats(z, active, temperature)
+  """Energies and confidences of n_mix manifold mixups per cell ([N, n_mix] each): scalar
+  λ ~ U(0, 1) per mixup, one random partner per cell from the same query set."""
+  m = np.asarray(m, np.float32)
+  n = len(m)
+  e, conf = _mixup_jit(jax.tree.map(jnp.asarray, head), jnp.asarray(_pad_rows(m, _bucket(n))),
+                       jnp.int32(n), jnp.asarray(active), key, temperature=float(temperature),
+                       n_mix=int(n_mix))
+  return np.asarray(e)[:n], np.asarray(conf)[:n]
 
 
 def canal_rule(logits: np.ndarray, m: np.ndarray, head: dict, active: np.ndarray, *,
