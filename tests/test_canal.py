@@ -117,6 +117,24 @@ def test_novelty_threshold_flags_constructed_outliers():
   assert val.unassigned[40:].all() and not val.unassigned[:40].any()
 
 
+def test_novelty_quantile_chosen_on_validation_by_leave_one_class_out():
+  rng = np.random.default_rng(0)
+  labs = np.repeat(np.arange(4), 40)
+  z = rng.normal(0, 0.3, (160, 6)).astype(np.float32)
+  sharp = rng.random(160) > 0.1  # ~13% of known cells are ambiguous (flat logits)
+  z[np.flatnonzero(sharp), labs[sharp]] += 6.0
+  active = np.array([True] * 4 + [False] * 2)
+  z[:, ~active] = head.MASKED_LOGIT
+  sel = novelty.select_quantile(z, labs, active)
+  best = sel["grid"].index(sel["quantile"])
+  # flagging about the ambiguous share beats both extremes (q too low / too high)
+  assert 0.8 <= sel["quantile"] <= 0.9 and sel["mean_h"][best] > 0.85
+  assert sel["mean_h"][best] > sel["mean_h"][-1] + 0.3 and sel["mean_h"][best] > sel["mean_h"][0]
+  assert sel["pseudo_novel_classes"] == [0, 1, 2, 3]
+  with pytest.raises(ValueError, match="config.canal.val_fraction"):
+    novelty.select_quantile(z[:80], labs[:80], active)
+
+
 def test_metrics_bwt_forgetting_h():
   acc = [[0.9, None], [0.7, 0.8]]
   assert metrics.bwt(acc) == pytest.approx(-0.2)
@@ -222,8 +240,9 @@ def test_trainable_masks():
                          "latent_norm": {"scale": 0}},
             "head": {"cls": {"w": 0}}}
   lab = trainable_labels(params, "last_blocks", 1)
-  assert lab["backbone"]["process_1"]["w"] == "train" and lab["backbone"]["latent_norm"]["scale"] == "train"
-  assert lab["backbone"]["process_0"]["w"] == "freeze" and lab["backbone"]["genes"]["embedding"] == "freeze"
+  b = lab["backbone"]
+  assert b["process_1"]["w"] == "train" and b["latent_norm"]["scale"] == "train"
+  assert b["process_0"]["w"] == "freeze" and b["genes"]["embedding"] == "freeze"
   assert lab["head"]["cls"]["w"] == "train"
   lab = trainable_labels(params, "head", 1)
   assert set(jax.tree.leaves(lab["backbone"])) == {"freeze"}

@@ -267,21 +267,29 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def detect_novel(config, state, out, val_out=None, key=None) -> novelty.Novelty:
+def detect_novel(config, state, out, val_out=None, key=None,
+                 val_labels=None) -> tuple[novelty.Novelty, dict]:
+  """(novelty result, info): CANAL's rule, or the validation rule with q fixed
+  (config.canal.novelty_quantile) or chosen on validation cells ('validation_auto')."""
   c = config.canal
   active = np.asarray(state.active_classes if hasattr(state, "active_classes")
                       else state["active_classes"])
   head = state.params["head"] if hasattr(state, "params") else state["params"]["head"]
   if c.novelty_rule == "canal":
     return novelty.canal_rule(out["logits"], out["m"], head, active,
-                              temperature=c.novelty_temperature, n_mix=c.novelty_mix, key=key)
-  if c.novelty_rule == "validation":
+                              temperature=c.novelty_temperature, n_mix=c.novelty_mix,
+                              key=key), {}
+  if c.novelty_rule in ("validation", "validation_auto"):
     if val_out is None:
-      raise ValueError("config.canal.novelty_rule='validation' needs validation cells "
+      raise ValueError(f"config.canal.novelty_rule={c.novelty_rule!r} needs validation cells "
                        "(config.canal.val_fraction > 0).")
+    info = {"quantile": float(c.novelty_quantile)}
+    if c.novelty_rule == "validation_auto":
+      info = novelty.select_quantile(val_out["logits"], val_labels, active,
+                                     temperature=c.novelty_temperature)
     return novelty.validation_rule(out["logits"], val_out["logits"], active,
                                    temperature=c.novelty_temperature,
-                                   quantile=c.novelty_quantile)
+                                   quantile=info["quantile"]), info
   raise ValueError(f"unknown config.canal.novelty_rule {c.novelty_rule!r}; known: "
                    f"{novelty.RULES}")
 
@@ -305,12 +313,13 @@ def final_evaluation(annot, state, stream, labels, label_rows, c2r, stage_names,
     val = np.concatenate([s.val_cells for s in stream.stages])
     val_out = (annot.predict(state.params, state.active_genes, state.active_classes, val, c2r)
                if len(val) else None)
-    nov = detect_novel(annot.config, state, out_all, val_out,
-                       key=jax.random.PRNGKey(annot.config.seed))
+    nov, info = detect_novel(annot.config, state, out_all, val_out,
+                             key=jax.random.PRNGKey(annot.config.seed),
+                             val_labels=label_rows[val])
     pred = np.where(nov.unassigned, UNASSIGNED, names[np.argmax(out_all["logits"], -1)])
     res["novel"] = dict(metrics.novel_metrics(stream.labels[test], pred, withheld),
                         withheld=list(withheld), rule=annot.config.canal.novelty_rule,
-                        threshold=nov.threshold)
+                        threshold=nov.threshold, **info)
     truth = np.where(np.isin(stream.labels[test], withheld), UNASSIGNED, stream.labels[test])
     res["confusion"] = _confusion(truth, pred)
   res["test_only"] = {}

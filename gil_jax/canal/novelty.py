@@ -4,7 +4,9 @@ u(x) = (minmax(E)(x) + 1 − max p(x)) / 2 with E = −T·logsumexp(z/T) over ac
 CANAL's threshold τ = ½[mean(1 − minmax(E_mix)) + mean(max p_mix)] over `n_mix` manifold mixups
 per cell (scalar λ ~ U(0,1), random partner from the same query set); u > τ ⇒ "Unassigned".
 The rule is transductive (min-max over the query set). Alternative rule 'validation': energies
-normalised with the min/max of held-out validation cells of known types, τ = their q-quantile.
+normalised with the min/max of held-out validation cells of known types, τ = their q-quantile
+(q = config.canal.novelty_quantile). Rule 'validation_auto' picks q on validation cells only
+(`select_quantile`: leave-one-class-out pseudo-novelty), never on test cells.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 
 from gil_jax.canal import head as head_lib
 
-RULES = ("canal", "validation")
+RULES = ("canal", "validation", "validation_auto")
+QUANTILE_GRID = (0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
 
 
 def energy(logits: jnp.ndarray, active: jnp.ndarray, temperature: float) -> jnp.ndarray:
@@ -110,3 +113,47 @@ def validation_rule(logits: np.ndarray, val_logits: np.ndarray, active: np.ndarr
   e, conf = _stats(logits, active, temperature)
   u = uncertainty(_minmax(e, lo, hi), conf)
   return Novelty(score=u, unassigned=u > tau, threshold=tau)
+
+
+def select_quantile(val_logits: np.ndarray, val_labels: np.ndarray, active: np.ndarray, *,
+                    temperature: float = 0.8, grid=QUANTILE_GRID, min_cells: int = 5) -> dict:
+  """Chooses the validation rule's quantile q on validation cells of known types only.
+
+  Leave-one-class-out pseudo-novelty: for each active class c with >= `min_cells` validation
+  cells, c's logit is masked out (the head cannot name c, as for a truly novel type), τ_q is the
+  q-quantile of u over the other classes' validation cells (energies min-max normalised over
+  them), and H(q) = harmonic mean of known accuracy (other classes: correct and not flagged) and
+  unknown accuracy (c's cells flagged). Returns the q of the largest mean H over classes (ties:
+  the larger q), with the per-q curve. Caveat: the backbone has seen c in training, so c's cells
+  form a tighter cluster than an unseen type would; the choice is an estimate, not an oracle.
+  """
+  val_logits, val_labels = np.asarray(val_logits, np.float32), np.asarray(val_labels)
+  active = np.asarray(active, bool)
+  grid = sorted(float(q) for q in grid)
+  classes = [int(c) for c in np.flatnonzero(active) if np.sum(val_labels == c) >= min_cells]
+  if len(classes) < 3:
+    raise ValueError(f"novelty quantile selection needs >= 3 classes with >= {min_cells} "
+                     f"validation cells, found {len(classes)}; raise config.canal.val_fraction "
+                     "or use novelty_rule='validation' with a fixed config.canal.novelty_quantile.")
+  h = np.zeros((len(classes), len(grid)))
+  for i, c in enumerate(classes):
+    act = active.copy()
+    act[c] = False
+    z = np.where(act, val_logits, head_lib.MASKED_LOGIT)
+    e, conf = _stats(z, act, temperature)
+    pseudo = val_labels == c
+    lo, hi = float(e[~pseudo].min()), float(e[~pseudo].max())
+    u = uncertainty(_minmax(e, lo, hi), conf)
+    correct = np.argmax(z, -1) == val_labels
+    for j, q in enumerate(grid):
+      flagged = u > float(np.quantile(u[~pseudo], q))
+      h[i, j] = _h(float(np.mean(correct[~pseudo] & ~flagged[~pseudo])),
+                   float(np.mean(flagged[pseudo])))
+  mean_h = h.mean(0)
+  best = int(np.flatnonzero(mean_h == mean_h.max())[-1])
+  return {"quantile": grid[best], "grid": grid, "mean_h": [float(x) for x in mean_h],
+          "pseudo_novel_classes": classes}
+
+
+def _h(a: float, b: float) -> float:
+  return 0.0 if a + b == 0 else 2 * a * b / (a + b)

@@ -63,9 +63,10 @@ def write_outputs(workdir: str, results: dict) -> None:
   if a.get("novel"):
     n = a["novel"]
     parts += ["## Novel cell types", "",
-              markdown_table(["withheld", "rule", "threshold", "known acc", "unknown acc",
+              markdown_table(["withheld", "rule", "q", "threshold", "known acc", "unknown acc",
                               "H-score", "total acc"],
-                             [[", ".join(n["withheld"]), n["rule"], n["threshold"],
+                             [[", ".join(n["withheld"]), n["rule"], n.get("quantile"),
+                               n["threshold"],
                                n["known_accuracy"], n["unknown_accuracy"], n["h_score"],
                                n["total_accuracy"]]]), ""]
   if a.get("test_only"):
