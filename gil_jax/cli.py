@@ -56,7 +56,8 @@ def _annotate(args, embed_only: bool) -> int:
   summary = annotate.annotate_file(args.workdir, args.input, args.output, embed_only=embed_only,
                                    layer=args.layer, normalisation=args.normalisation,
                                    gene_column=args.gene_column,
-                                   min_shared_genes=args.min_shared_genes)
+                                   min_shared_genes=args.min_shared_genes,
+                                   novelty_rule=getattr(args, "novelty_rule", "run"))
   for k, v in summary.items():
     print(f"{k}: {v}")
   return 0
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-shared-genes", type=int, default=None,
                    help="fail when fewer query genes are in the vocabulary "
                         "(default: config.canal.min_shared_genes of the run)")
+    if name == "annotate":
+      p.add_argument("--novelty-rule", default="run", choices=("run", "canal"),
+                     help="run: the run's novelty rule and saved constants; canal: CANAL's "
+                          "transductive mixup rule on this query set")
   args, rest = parser.parse_known_args(argv)
   if args.command == "train":
     args.overrides = rest

@@ -2,7 +2,9 @@
 
 The query's genes are mapped to the run's gene vocabulary: genes not in it are dropped (and
 counted), vocabulary genes absent from the query are "not measured" (never tokens). The input
-file is only read; results go to --output, which must be a different path.
+file is only read; results go to --output, which must be a different path. Novel cells: the
+run's rule (the validation-rule constants saved with the checkpoint, or CANAL's transductive
+mixup rule on the query set); novelty_rule='canal' forces CANAL's rule.
 """
 
 from __future__ import annotations
@@ -61,10 +63,12 @@ def gene_mapping(query_genes, vocab: GeneVocab, active: np.ndarray, min_shared: 
 
 def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only: bool = False,
                   layer: str = "", normalisation: str = "auto", gene_column: str = "",
-                  min_shared_genes: int | None = None) -> dict:
+                  min_shared_genes: int | None = None, novelty_rule: str = "run") -> dict:
   if os.path.abspath(input_path) == os.path.abspath(output_path):
     raise QueryError(f"--output {output_path!r} is the input file; the input is never modified "
                      "in place. Choose another output path.")
+  if novelty_rule not in ("run", "canal"):
+    raise QueryError(f"--novelty-rule {novelty_rule!r}: use 'run' (the run's rule) or 'canal'.")
   if not os.path.isfile(input_path):
     raise QueryError(f"query file not found: {input_path!r}")
   state, meta = load_run(workdir)
@@ -120,9 +124,13 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
   if not embed_only:
     names = np.asarray(meta["label_vocab"]["names"] + [UNASSIGNED], object)
     c = config.canal
-    nov = novelty.canal_rule(out["logits"], out["m"], params["head"], active_classes,
-                             temperature=float(c.novelty_temperature), n_mix=int(c.novelty_mix),
-                             key=jax.random.PRNGKey(int(config.seed)))
+    calib = meta.get("novelty") if novelty_rule == "run" else None
+    if calib:  # the run's validation-rule constants (energy range, threshold)
+      nov = novelty.apply_calibration(out["logits"], active_classes, calib)
+    else:  # CANAL's transductive rule on this query set
+      nov = novelty.canal_rule(out["logits"], out["m"], params["head"], active_classes,
+                               temperature=float(c.novelty_temperature),
+                               n_mix=int(c.novelty_mix), key=jax.random.PRNGKey(int(config.seed)))
     pred = np.where(nov.unassigned, UNASSIGNED, names[np.argmax(out["logits"], -1)])
     cell_type = np.full(adata.n_obs, UNASSIGNED, object)
     cell_type[kept] = pred
@@ -131,7 +139,8 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
     result.obs["gil_cell_type"] = cell_type.astype(str)
     result.obs["gil_novelty_score"] = score
     result.obs["gil_unassigned"] = cell_type == UNASSIGNED
-    summary.update(novelty_threshold=round(float(nov.threshold), 4),
+    summary.update(novelty_rule=calib["rule"] if calib else "canal",
+                   novelty_threshold=round(float(nov.threshold), 4),
                    unassigned=int(np.sum(cell_type == UNASSIGNED)))
   result.uns["gil"] = {"workdir": os.path.abspath(workdir), **{k: v for k, v in summary.items()}}
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)

@@ -129,7 +129,7 @@ def _inputs(annot: Annotator, batch):
   return {"main": batch}
 
 
-def _meta(config, stream, vocab, labels, results, progress, gil_init) -> dict:
+def _meta(config, stream, vocab, labels, results, progress, gil_init, calib=None) -> dict:
   return {"kind": "canal", "experiment": config.experiment,
           "fingerprint": checkpoint.fingerprint(config),
           "config": checkpoint.config_for_fingerprint(config), "vocab": vocab.to_json(),
@@ -139,7 +139,7 @@ def _meta(config, stream, vocab, labels, results, progress, gil_init) -> dict:
           "stages": [{"name": s.name, "source": s.source,
                       "n_train": int(len(s.train_cells)), "n_test": int(len(s.test_cells))}
                      for s in stream.stages],
-          "gil_init": gil_init, "results": results, "progress": progress}
+          "gil_init": gil_init, "novelty": calib, "results": results, "progress": progress}
 
 
 def _stage_batches(annot, cells, c2r, label_rows, k, n):
@@ -153,6 +153,7 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   c = config.canal
   mode_setup(config)
+  check_novelty_rule(config)
   stream = build_stream(config)
   gil_vocab, init_backbone, gil_init = None, None, None
   if c.init_workdir:
@@ -179,11 +180,12 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
   results = {"experiment": config.experiment, "mode": c.mode, "transforms": list(annot.names),
              "bank": annot.use_bank, "stages": [],
              "accuracy_matrix": [[None] * n_stages for _ in range(1 if joint else n_stages)]}
-  first = 0
+  first, calib = 0, None
   latest = ckpt.latest_step()
   if latest is not None:
     state, meta = ckpt.restore(latest, checkpoint.abstract_like(state))
     results, first = meta["results"], meta["progress"]["stage"] + 1
+    calib = meta.get("novelty")
     log.info("resuming after stage %d", first - 1)
 
   train_plan = ([("joint", np.concatenate([s.train_cells for s in stream.stages]))] if joint else
@@ -251,15 +253,18 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
           "bank_per_class": {labels.names[a]: b for a, b in
                              bank_lib.class_counts(jax.device_get(state.bank)).items()}})
       log.info("stage %d (%s) done: %s", k, name, results["stages"][-1])
+      if k == len(train_plan) - 1:  # the run's novelty constants, saved for `annotate`
+        calib = novelty_calibration(annot, state, stream, label_rows, c2r)
       progress = {"stage": k, "stage_done": True}
-      ckpt.save(k + 1, state, _meta(config, stream, vocab, labels, results, progress, gil_init))
+      ckpt.save(k + 1, state, _meta(config, stream, vocab, labels, results, progress, gil_init,
+                                    calib))
   finally:
     ckpt.close()
 
   last_k = len(train_plan) - 1
   c2r = columns_to_rows(stream, vocab, last_k)
   results["annotation"] = final_evaluation(annot, state, stream, labels, label_rows, c2r,
-                                           stage_names, results["accuracy_matrix"], joint)
+                                           stage_names, results["accuracy_matrix"], joint, calib)
   results["annotation"]["gil_init"] = gil_init
   results["compilations"] = {"train_step": annot.train_step._cache_size(),
                              "eval_step": annot.eval_step._cache_size()}
@@ -267,34 +272,51 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def detect_novel(config, state, out, val_out=None, key=None,
-                 val_labels=None) -> tuple[novelty.Novelty, dict]:
-  """(novelty result, info): CANAL's rule, or the validation rule with q fixed
-  (config.canal.novelty_quantile) or chosen on validation cells ('validation_auto')."""
-  c = config.canal
-  active = np.asarray(state.active_classes if hasattr(state, "active_classes")
-                      else state["active_classes"])
-  head = state.params["head"] if hasattr(state, "params") else state["params"]["head"]
+def novelty_calibration(annot: Annotator, state, stream: Stream, label_rows: np.ndarray,
+                        c2r: np.ndarray) -> dict | None:
+  """Constants of the validation rule from all stages' validation cells (known types only), with
+  q fixed (config.canal.novelty_quantile) or chosen on them ('validation_auto'); None for CANAL's
+  transductive rule, which needs no constants."""
+  c = annot.config.canal
   if c.novelty_rule == "canal":
-    return novelty.canal_rule(out["logits"], out["m"], head, active,
-                              temperature=c.novelty_temperature, n_mix=c.novelty_mix,
-                              key=key), {}
-  if c.novelty_rule in ("validation", "validation_auto"):
-    if val_out is None:
-      raise ValueError(f"config.canal.novelty_rule={c.novelty_rule!r} needs validation cells "
-                       "(config.canal.val_fraction > 0).")
-    info = {"quantile": float(c.novelty_quantile)}
-    if c.novelty_rule == "validation_auto":
-      info = novelty.select_quantile(val_out["logits"], val_labels, active,
-                                     temperature=c.novelty_temperature)
-    return novelty.validation_rule(out["logits"], val_out["logits"], active,
-                                   temperature=c.novelty_temperature,
-                                   quantile=info["quantile"]), info
-  raise ValueError(f"unknown config.canal.novelty_rule {c.novelty_rule!r}; known: "
-                   f"{novelty.RULES}")
+    return None
+  val = np.concatenate([s.val_cells for s in stream.stages])
+  if not len(val):
+    raise ValueError(f"config.canal.novelty_rule={c.novelty_rule!r} needs validation cells "
+                     "(config.canal.val_fraction > 0).")
+  active = np.asarray(state.active_classes)
+  logits = annot.predict(state.params, state.active_genes, state.active_classes, val, c2r)["logits"]
+  quantile, selection = float(c.novelty_quantile), None
+  if c.novelty_rule == "validation_auto":
+    selection = novelty.select_quantile(logits, label_rows[val], active,
+                                        temperature=c.novelty_temperature)
+    quantile = selection["quantile"]
+  calib = novelty.calibrate(logits, active, temperature=c.novelty_temperature, quantile=quantile)
+  return dict(calib, rule=c.novelty_rule, n_val_cells=int(len(val)), selection=selection)
 
 
-def final_evaluation(annot, state, stream, labels, label_rows, c2r, stage_names, acc, joint):
+def check_novelty_rule(config) -> None:
+  c = config.canal
+  if c.novelty_rule not in novelty.RULES:
+    raise ValueError(f"unknown config.canal.novelty_rule {c.novelty_rule!r}; known: "
+                     f"{novelty.RULES}")
+  if c.novelty_rule != "canal" and c.val_fraction <= 0:
+    raise ValueError(f"config.canal.novelty_rule={c.novelty_rule!r} needs validation cells: set "
+                     "config.canal.val_fraction > 0 (or novelty_rule='canal').")
+
+
+def detect_novel(config, state, out, calib: dict | None, key=None) -> novelty.Novelty:
+  """CANAL's transductive rule (calib None) or the saved validation-rule constants."""
+  if calib is not None:
+    return novelty.apply_calibration(out["logits"], np.asarray(state.active_classes), calib)
+  c = config.canal
+  return novelty.canal_rule(out["logits"], out["m"], state.params["head"],
+                            np.asarray(state.active_classes), temperature=c.novelty_temperature,
+                            n_mix=c.novelty_mix, key=key)
+
+
+def final_evaluation(annot, state, stream, labels, label_rows, c2r, stage_names, acc, joint,
+                     calib=None):
   names = np.asarray(labels.names + [UNASSIGNED], object)
   withheld = stream.withheld
   test = np.concatenate([s.test_cells for s in stream.stages])
@@ -310,16 +332,14 @@ def final_evaluation(annot, state, stream, labels, label_rows, c2r, stage_names,
          "confusion": _confusion(y_true, y_pred)}
   if withheld:
     out_all = annot.predict(state.params, state.active_genes, state.active_classes, test, c2r)
-    val = np.concatenate([s.val_cells for s in stream.stages])
-    val_out = (annot.predict(state.params, state.active_genes, state.active_classes, val, c2r)
-               if len(val) else None)
-    nov, info = detect_novel(annot.config, state, out_all, val_out,
-                             key=jax.random.PRNGKey(annot.config.seed),
-                             val_labels=label_rows[val])
+    nov = detect_novel(annot.config, state, out_all, calib,
+                       key=jax.random.PRNGKey(annot.config.seed))
     pred = np.where(nov.unassigned, UNASSIGNED, names[np.argmax(out_all["logits"], -1)])
+    sel = (calib or {}).get("selection") or {}
     res["novel"] = dict(metrics.novel_metrics(stream.labels[test], pred, withheld),
                         withheld=list(withheld), rule=annot.config.canal.novelty_rule,
-                        threshold=nov.threshold, **info)
+                        threshold=nov.threshold, quantile=(calib or {}).get("quantile"),
+                        quantile_selection=sel or None)
     truth = np.where(np.isin(stream.labels[test], withheld), UNASSIGNED, stream.labels[test])
     res["confusion"] = _confusion(truth, pred)
   res["test_only"] = {}

@@ -104,15 +104,29 @@ def canal_rule(logits: np.ndarray, m: np.ndarray, head: dict, active: np.ndarray
   return Novelty(score=u, unassigned=u > tau, threshold=tau)
 
 
-def validation_rule(logits: np.ndarray, val_logits: np.ndarray, active: np.ndarray, *,
-                    temperature: float = 0.8, quantile: float = 0.95) -> Novelty:
-  """Threshold at the `quantile` of u over validation cells of known types."""
+def calibrate(val_logits: np.ndarray, active: np.ndarray, *, temperature: float = 0.8,
+              quantile: float = 0.95) -> dict:
+  """The validation rule's constants from validation cells of known types: energy min / max
+  (for the normalisation) and τ = the `quantile` of their u. JSON-able (saved with the run)."""
   ev, cv = _stats(val_logits, active, temperature)
   lo, hi = float(ev.min()), float(ev.max())
   tau = float(np.quantile(uncertainty(_minmax(ev, lo, hi), cv), quantile))
-  e, conf = _stats(logits, active, temperature)
-  u = uncertainty(_minmax(e, lo, hi), conf)
-  return Novelty(score=u, unassigned=u > tau, threshold=tau)
+  return {"energy_min": lo, "energy_max": hi, "threshold": tau, "quantile": float(quantile),
+          "temperature": float(temperature)}
+
+
+def apply_calibration(logits: np.ndarray, active: np.ndarray, calib: dict) -> Novelty:
+  """u of query cells normalised with the saved validation constants; u > τ ⇒ Unassigned."""
+  e, conf = _stats(logits, active, calib["temperature"])
+  u = uncertainty(_minmax(e, calib["energy_min"], calib["energy_max"]), conf)
+  return Novelty(score=u, unassigned=u > calib["threshold"], threshold=calib["threshold"])
+
+
+def validation_rule(logits: np.ndarray, val_logits: np.ndarray, active: np.ndarray, *,
+                    temperature: float = 0.8, quantile: float = 0.95) -> Novelty:
+  """Threshold at the `quantile` of u over validation cells of known types."""
+  return apply_calibration(logits, active, calibrate(val_logits, active, temperature=temperature,
+                                                     quantile=quantile))
 
 
 def select_quantile(val_logits: np.ndarray, val_labels: np.ndarray, active: np.ndarray, *,
