@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import ml_collections
+import numpy as np
 
 from gil_jax.data import anndata_io, downstream, simulate, stages
 from gil_jax.data.anndata_io import DataError
@@ -55,11 +56,68 @@ def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> 
                                       seed=config.seed)
   elif s.plan == "crucial":
     plan = crucial_plan(config, data, load_downstream(config))
+  elif s.plan == "modules":
+    plan = module_plan(config, data)
+  elif s.plan == "expressed":
+    plan = expressed_plan(config, data)
   else:
-    raise ValueError(f"unknown config.stages.plan {s.plan!r}; known: random, dataset_stream, "
-                     "crucial")
+    raise ValueError(f"unknown config.stages.plan {s.plan!r}; known: random, expressed, "
+                     "modules, dataset_stream, crucial")
   plan.check(data)
   return plan
+
+
+def expressed_plan(config: ml_collections.ConfigDict,
+                   data: anndata_io.CellData) -> stages.StagePlan:
+  """Plan 'expressed': the stage-specific genes are the most expressed genes, split at random.
+
+  Like the paper's crucial genes (top cumulative expression of a downstream dataset), each
+  stage's T_k are high-expression genes; B is the (1 - base_fraction) least expressed rest.
+  """
+  s = config.stages
+  mean = np.asarray(data.X.mean(axis=0)).ravel() / max(float(data.size_factors.mean()), 1e-8)
+  order = np.argsort(-mean, kind="stable")
+  n_specific = data.n_genes - int(round(s.base_fraction * data.n_genes))
+  if n_specific < s.n_stages:
+    raise ValueError(f"{n_specific} stage-specific genes cannot fill {s.n_stages} stages; lower "
+                     "config.stages.base_fraction")
+  pool = np.random.default_rng([config.seed, 104]).permutation(order[:n_specific])
+  genes = np.asarray(data.gene_ids)
+  base = list(genes[np.sort(order[n_specific:])])
+  specific = [list(genes[np.sort(part)]) for part in np.array_split(pool, s.n_stages)]
+  obs_order = _split(s.order) or None
+  return stages.explicit_plan(
+      data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,
+      base_stage=s.base_stage,
+      obs_partition=stages.ObsPartition(s.obs_column, obs_order) if s.obs_column else None)
+
+
+def module_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> stages.StagePlan:
+  """Plan 'modules' (synthetic data only): stage-specific genes are whole simulated gene modules.
+
+  A hidden stage-k gene is then predictable only through its module-mates, which are also
+  stage-k genes, so the model must carry that module's signal; later stages never show those
+  genes, and what the shared weights lose of it is measurable forgetting.
+  """
+  s = config.stages
+  if config.data.source != "synthetic":
+    raise ValueError("config.stages.plan='modules' needs config.data.source='synthetic'; use "
+                     "'random', 'dataset_stream' or 'crucial' for real data")
+  module = simulate.gene_modules(simulate.SimConfig(**config.data.sim.to_dict()))
+  ids = np.random.default_rng([config.seed, 103]).permutation(int(module.max()) + 1)
+  n_base = int(round(s.base_fraction * len(ids)))
+  if len(ids) - n_base < s.n_stages:
+    raise ValueError(f"{len(ids) - n_base} non-base modules cannot fill {s.n_stages} stages; raise "
+                     "config.data.sim.n_modules or lower config.stages.base_fraction")
+  genes = np.asarray(simulate.gene_names(len(module)))
+  base = list(genes[np.isin(module, ids[:n_base])])
+  specific = [list(genes[np.isin(module, part)])
+              for part in np.array_split(ids[n_base:], s.n_stages)]
+  order = _split(s.order) or None
+  return stages.explicit_plan(
+      data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,
+      base_stage=s.base_stage,
+      obs_partition=stages.ObsPartition(s.obs_column, order) if s.obs_column else None)
 
 
 def load_downstream(config: ml_collections.ConfigDict) -> list[downstream.Downstream]:

@@ -327,6 +327,15 @@ def _cfg_with(path, **src):
   return c
 
 
+def test_validation_novelty_rules_need_validation_cells(tmp_path):
+  for rule in ("validation", "validation_auto"):
+    with pytest.raises(ValueError, match="config.canal.val_fraction > 0"):
+      loop.train_annotation(_config("never_read.h5ad", novelty_rule=rule, val_fraction=0.0),
+                            str(tmp_path / rule))
+  with pytest.raises(ValueError, match="unknown config.canal.novelty_rule"):
+    loop.train_annotation(_config("never_read.h5ad", novelty_rule="oracle"), str(tmp_path / "o"))
+
+
 def test_cli_reports_errors(tmp_path):
   from gil_jax import cli
   path, _ = _sim(tmp_path, n_cells=40)

@@ -22,7 +22,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gil_jax import checkpoint
-from gil_jax.batch import empty_batch
 from gil_jax.canal import bank as bank_lib
 from gil_jax.canal import loss as loss_lib  # registers canal_rkd / canal_lwf
 from gil_jax.canal import metrics, novelty, report

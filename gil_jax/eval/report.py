@@ -31,7 +31,7 @@ def stage_table(results: dict) -> str:
   header = ["stage", "cells", "active genes", "new genes", "steps", "seconds", "cells/s",
             "final loss"]
   rows = [[s["name"], s["n_train_cells"], s["n_active_genes"], s["n_new_genes"], s["steps"],
-           round(s["seconds"], 1), round(s.get("cells_per_s", 0.0), 1), s["final_train_loss"]]
+           round(s["seconds"], 1), round(s.get("cells_per_s") or 0.0, 1), s["final_train_loss"]]
           for s in results["stages"]]
   return markdown_table(header, rows)
 

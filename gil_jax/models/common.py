@@ -122,7 +122,8 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"d_model {d} not divisible by n_heads {self.num_heads}")
     heads = (self.num_heads, d // self.num_heads)
-    dense = lambda feats, name: nn.DenseGeneral(feats, dtype=self.dtype, name=name)
+    dense = lambda feats, name: nn.DenseGeneral(feats, dtype=self.dtype, name=name,
+                                                dot_general=kernels.dense_dot_general)
     if kv is None:
       q, k, v = jnp.moveaxis(dense((3,) + heads, "qkv")(x), -3, 0)
     else:
@@ -131,7 +132,14 @@ class Attention(nn.Module):
     use_dropout = train and self.dropout_rate > 0.0
     out = attend(q, k, v, key_mask, dropout_rate=self.dropout_rate,
                  dropout_rng=self.make_rng("dropout") if use_dropout else None)
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out",
+                           dot_general=kernels.dense_dot_general)(out)
+
+
+def Dense(features: int, **kw) -> nn.Dense:  # noqa: N802 - a module constructor
+  """``nn.Dense`` (same params and math) with ``kernels.dense_dot_general``: a flat 2-D matmul
+  whose backward avoids XLA:CPU's slow transposed kernel-gradient dot (kernels.py)."""
+  return nn.Dense(features, dot_general=kernels.dense_dot_general, **kw)
 
 
 class MLP(nn.Module):
@@ -143,7 +151,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i, f in enumerate(self.features):
-      x = nn.Dense(f, dtype=self.dtype, name=f"dense_{i}")(x)
+      x = Dense(f, dtype=self.dtype, name=f"dense_{i}")(x)
       if i < len(self.features) - 1:
         x = self.act(x)
     return x

@@ -13,6 +13,13 @@ Why (profiled on the 2-core CPU at the paper transformer's size, see benchmarks/
   backward pass (flash-attention style): 7 tile matmuls per step instead of the 8 of a
   rematerialised forward, and no [B, H, Q, K] residuals.
 
+* Dense layers over [B, N, d] activations: the autodiff transpose of Flax's 3-D ``dot_general``
+  makes XLA:CPU materialise dy^T ([out, B*N]) and run the kernel gradient as a transposed-transposed
+  Eigen dot, 20-30x slower than the forward matmul (64x128x64 -> 256: forward 1.2 ms, backward
+  35 ms). ``dense_dot_general`` flattens to one 2-D matmul with a ``custom_vjp`` whose kernel
+  gradient is ``x^T @ dy`` on the flat arrays (no transposed copy): backward ~6 ms. It is a
+  drop-in ``dot_general`` for ``nn.Dense`` / ``nn.DenseGeneral`` (same params, same math).
+
 The math is the usual softmax attention with float32 logits and softmax, a boolean key mask
 (rows with no valid key give exactly 0), and inverted dropout on the probabilities.
 """
@@ -66,6 +73,45 @@ def dropout(x: jax.Array, rate: float, seed: jax.Array) -> jax.Array:
     return jnp.zeros_like(x)
   keep = keep_mask(seed, x.shape, rate)
   return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+# ------------------------------------------------------------------------------------ dense
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.matmul(x, w)
+
+
+def _matmul_fwd(x, w):
+  return jnp.matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, dy):
+  x, w = res
+  f32 = jnp.float32
+  dx = jnp.matmul(dy, w.T, preferred_element_type=f32).astype(x.dtype)
+  dw = jnp.matmul(x.T, dy, preferred_element_type=f32).astype(w.dtype)  # [K, M] @ [M, N]
+  return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+  """``lax.dot_general`` for Dense layers (trailing lhs axes x leading rhs axes, no batch
+  axes) as one flat 2-D matmul with a layout-friendly backward (see module docstring)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc = tuple(int(a) for a in lc), tuple(int(a) for a in rc)
+  n = len(lc)
+  if lb or rb or lc != tuple(range(lhs.ndim - n, lhs.ndim)) or rc != tuple(range(n)):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  k = math.prod(rhs.shape[:n])
+  out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1))
+  if preferred_element_type is not None:
+    out = out.astype(preferred_element_type)
+  return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
 
 
 # ------------------------------------------------------------------------------------ attention

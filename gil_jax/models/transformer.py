@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gil_jax.models.common import (GENES, LN_EPS, MLP, Array, Attention, Dropout, Dtype,
+from gil_jax.models.common import (GENES, LN_EPS, MLP, Array, Attention, Dense, Dropout, Dtype,
                                    GeneTable)
 
 VALUE_CLIP = 512.0
@@ -34,8 +34,8 @@ class PostLNLayer(nn.Module):
     h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
         x, None, key_mask, train)
     x = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="ln_attn")(x + drop(h))
-    h = nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype, name="ffn_in")(x))
-    h = nn.Dense(d, dtype=self.dtype, name="ffn_out")(drop(h))
+    h = nn.relu(Dense(self.ffn_dim, dtype=self.dtype, name="ffn_in")(x))
+    h = Dense(d, dtype=self.dtype, name="ffn_out")(drop(h))
     return nn.LayerNorm(LN_EPS, dtype=self.dtype, name="ln_ffn")(x + drop(h))
 
 

@@ -85,8 +85,10 @@ class Runner:
     key = jax.random.PRNGKey(self.config.seed)
     init_key, dropout_key, state_key = jax.random.split(key, 3)
     b = empty_batch(self.spec.batch_size, self.spec.n_tokens)
-    params = self.model.init({"params": init_key, "dropout": dropout_key}, b.gene_ids, b.values,
-                             b.token_mask, b.pred_mask, False)["params"]
+    init = jax.jit(lambda k1, k2, b: self.model.init({"params": k1, "dropout": k2}, b.gene_ids,
+                                                     b.values, b.token_mask, b.pred_mask,
+                                                     False)["params"])
+    params = init(init_key, dropout_key, b)  # one compiled call, not hundreds of eager ops
     return init_state(params, self.tx, self.transform.init(params), state_key, self.capacity)
 
   def initial_state(self) -> TrainState:
