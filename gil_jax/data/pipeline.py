@@ -155,21 +155,24 @@ class Prefetcher:
     self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
     self._thread.start()
 
+  def _offer(self, item) -> bool:
+    """Blocks until `item` is queued (True) or close() was called (False)."""
+    while not self._stop.is_set():
+      try:
+        self._q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def _run(self, source):
     try:
       for item in source:
-        item = self._put(item)
-        while not self._stop.is_set():
-          try:
-            self._q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if self._stop.is_set():
+        if self._stop.is_set() or not self._offer(self._put(item)):
           return
-      self._q.put(self._END)
+      self._offer(self._END)
     except BaseException as e:  # noqa: BLE001 - handed to the consumer
-      self._q.put(e)
+      self._offer(e)
 
   def __iter__(self):
     return self

@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gil_jax import checkpoint, experiment, parallel
+from gil_jax import checkpoint, distributed, experiment, parallel
 from gil_jax.batch import Batch, empty_batch
-from gil_jax.data import batching, stages
+from gil_jax.data import batching, pipeline, stages
 from gil_jax.data.vocab import GeneVocab
 from gil_jax.eval import hooks, regression, report
 from gil_jax.losses import objectives, registry
@@ -27,6 +27,8 @@ from gil_jax.train.state import TrainState, init_state, make_optimizer
 from gil_jax.train.step import make_regression_eval_step, make_train_step
 
 log = logging.getLogger("gil_jax")
+
+PREFETCH = 2  # train batches built (and device_put) ahead of the step, in a background thread
 
 
 @dataclasses.dataclass
@@ -102,6 +104,40 @@ class Runner:
 
   def put(self, tree, sharding):
     return jax.device_put(tree, sharding)
+
+  def put_inputs(self, inputs: dict) -> dict:
+    """Host inputs of one step -> device arrays sharded on 'data'. One process: a sharded
+    device_put. Several: `inputs` holds this process's rows only (see `train_inputs`) and the
+    global arrays are assembled with `distributed.global_batch`."""
+    if jax.process_count() == 1:
+      return jax.device_put(inputs, self.inputs_sharding)
+    return distributed.global_batch(inputs, self.mesh)
+
+  def train_inputs(self, stage: stages.Stage, cols: np.ndarray, feed: Feed, transforms,
+                   start: int, n: int):
+    """Iterator of (step, device inputs) for steps start .. start+n-1 of stage `feed.stage`,
+    built `PREFETCH` steps ahead in a background thread (`pipeline.Prefetcher`).
+
+    Batches stay a pure function of (seed, stage, step), so resuming at `start` is exact. With
+    several processes each builds only its rows of every global batch
+    (`pipeline.shard_batches`) and of the transforms' extra inputs (computed whole, then sliced:
+    they are small and deterministic). `transforms`: a host copy of the transform states (the
+    step donates the device state, so the producer thread must not read it).
+    """
+    pid, n_proc = jax.process_index(), jax.process_count()
+    source = pipeline.shard_batches(self.data, stage.train_cells, cols, self.spec, feed.seed,
+                                    feed.stage, start, n, shard=pid, n_shards=n_proc)
+
+    def build(item):
+      step, batch = item
+      extras = {}
+      if self.transform.extra_inputs is not None:
+        extras = self.transform.extra_inputs(transforms, dataclasses.replace(feed, step=step))
+        if n_proc > 1:
+          extras = jax.tree.map(lambda x: _process_rows(x, pid, n_proc), extras)
+      return step, self.put_inputs({"main": batch, **extras})
+
+    return pipeline.Prefetcher(source, put=build, depth=PREFETCH)
 
   def set_active(self, state: TrainState, mask: np.ndarray) -> TrainState:
     return state.replace(active_genes=jax.device_put(jnp.asarray(mask), self.state_sharding.active_genes))
@@ -186,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   first = progress["stage"] + (1 if progress["stage_done"] else 0)
   steps_run = 0
+  batches = None
   try:
     for k in range(first, len(plan.stages)):
       stage = plan.stages[k]
@@ -200,14 +237,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       n_steps = runner.steps_for(stage)
       cols = stages.stage_columns(data, vocab, stage)
       feed = Feed(data, plan, vocab, runner.spec, config.seed, k, start)
+      host_transforms = (jax.device_get(state.transforms)
+                         if runner.transform.extra_inputs is not None else None)
       losses: list[float] = []
       cells, t_measure, t0, first_step_seconds = 0, 0.0, time.time(), 0.0
       bar = tqdm(total=n_steps, initial=start, desc=f"stage {k} {stage.name}", leave=True,
                  disable=not progress_bar, dynamic_ncols=True)
-      for step, batch in batching.stage_batches(data, stage.train_cells, cols, runner.spec,
-                                                config.seed, k, start, n_steps - start):
-        feed.step = step
-        inputs = runner.put(runner.inputs_for(state, batch, feed), runner.inputs_sharding)
+      batches = runner.train_inputs(stage, cols, feed, host_transforms, start, n_steps - start)
+      for step, inputs in batches:
         t_step = time.time()
         state, metrics = runner.train_step(state, inputs)
         if (step + 1) % config.train.log_every == 0 or step + 1 == n_steps:
@@ -217,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                            if k_.startswith("loss")} | {"cells/s": f"{cells / max(t_measure, 1e-9):.0f}"})
         jax.block_until_ready(state.step)
         if step > start:  # the first step of a stage may include compilation
-          cells += int(np.sum(batch.cell_mask))
+          cells += int(metrics["cells"]) if "cells" in metrics else runner.spec.batch_size
           t_measure += time.time() - t_step
         else:
           first_step_seconds = time.time() - t_step
@@ -230,8 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       "seconds": stage_seconds + time.time() - t0}
           ckpt.save(int(state.step), state, _meta(config, plan, vocab, results, progress))
         if steps_run == stop_after_steps and done_in_stage < n_steps:
+          batches.close()
           bar.close()
           return results
+      batches.close()
       bar.close()
       stage_seconds += time.time() - t0
 
@@ -267,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     log.warning("interrupted; rerun the same command to resume from the last checkpoint")
     raise
   finally:
+    if batches is not None:
+      batches.close()
     ckpt.close()
 
   if steps_run:
@@ -276,8 +317,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
+def _process_rows(x, pid: int, n_proc: int):
+  """Rows [pid*n/P, (pid+1)*n/P) of a host array whose leading axis is cells."""
+  n = x.shape[0]
+  if n % n_proc:
+    raise ValueError(f"an extra input batch of {n} cells is not divisible by {n_proc} processes; "
+                     "use a transform batch_size that is a multiple of the process count")
+  return x[pid * n // n_proc:(pid + 1) * n // n_proc]
+
+
 def _consolidation_batches(runner: Runner, stage, cols, k: int, n: int):
   """n batches of stage k's training data, for transforms that estimate statistics."""
-  for _, batch in batching.stage_batches(runner.data, stage.train_cells, cols, runner.spec,
-                                         runner.config.seed + 7919, k, 0, n):
-    yield {"main": runner.put(batch, runner.inputs_sharding["main"])}
+  for _, batch in pipeline.shard_batches(runner.data, stage.train_cells, cols, runner.spec,
+                                         runner.config.seed + 7919, k, 0, n,
+                                         shard=jax.process_index(), n_shards=jax.process_count()):
+    if jax.process_count() == 1:
+      yield {"main": runner.put(batch, runner.inputs_sharding["main"])}
+    else:
+      yield {"main": distributed.global_batch(batch, runner.mesh)}
