@@ -196,3 +196,24 @@ def test_count_likelihoods_train(likelihood):
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < losses[0]
+
+
+def test_expressed_and_module_plans():
+  config = tiny_config(**{"stages.plan": "expressed"})
+  data = experiment.load_data(config)
+  plan = experiment.build_plan(config, data)
+  mean = np.asarray(data.X.mean(axis=0)).ravel()
+  col = {g: i for i, g in enumerate(data.gene_ids)}
+  base = [col[g] for g in plan.stages[0].train_genes]
+  specific = [col[g] for s in plan.stages[1:] for g in s.new_genes]
+  assert mean[specific].min() >= mean[base].max()  # T_k are the most expressed genes
+  assert set(plan.stages[1].new_genes).isdisjoint(plan.stages[2].train_genes)
+
+  from gil_jax.data import simulate
+  config = tiny_config(**{"stages.plan": "modules"})
+  plan = experiment.build_plan(config, data)
+  module = simulate.gene_modules(simulate.SimConfig(**config.data.sim.to_dict()))
+  for s in plan.stages[1:]:
+    mods = {module[col[g]] for g in s.new_genes}
+    others = {module[col[g]] for t in plan.stages if t is not s for g in t.new_genes}
+    assert mods and mods.isdisjoint(others)  # whole modules per stage
