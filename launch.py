@@ -2,11 +2,17 @@
 
 Override any config field with `--config.a.b=value`; unknown fields are rejected. Rerunning
 with the same workdir resumes at the last checkpoint.
+
+Multi-process (multi-host) runs: start the same command once per process with
+`--coordinator=host:port --num_processes=P --process_id=i` (or the environment variables
+GIL_COORDINATOR / GIL_NUM_PROCESSES / GIL_PROCESS_ID); every process reads only its rows of
+each global batch and all of them write the same (shared) workdir.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gil_jax import distributed
 from gil_jax.train import loop
 from gil_jax.eval import report
 
@@ -14,12 +20,20 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, results.json, report.md, plots.")
+flags.DEFINE_string("coordinator", None, "Multi-process: coordinator 'host:port' "
+                    "(default: $GIL_COORDINATOR).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes "
+                     "(default: $GIL_NUM_PROCESSES or 1).")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index "
+                     "(default: $GIL_PROCESS_ID or 0).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # before anything touches a device: jax.distributed must be initialised first
+  distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
   results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print()

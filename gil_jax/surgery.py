@@ -9,6 +9,41 @@ padded capacity would have held had it been allocated from the start. Old rows a
 bit-for-bit, so a batch that only uses old genes gives the same loss and update after growth.
 
 The compiled train step must be rebuilt for the new shapes: one recompilation.
+
+When to use it: a run was started with ``config.genes.capacity`` too small for the genes of a
+later stage (``check_capacity`` fails before training, so this arises when the stage plan is
+extended, e.g. a new dataset is appended to a finished or interrupted run). Gene rows are assigned
+in activation order (``experiment.stage_vocab``), so every old gene keeps its row at the larger
+capacity. Growing a workdir OLD into a new workdir NEW, from Python::
+
+  import jax
+  from gil_jax import checkpoint, experiment, surgery
+  from gil_jax.data import stages
+  from gil_jax.train import loop
+
+  ck = checkpoint.Checkpointer(OLD)
+  step = ck.latest_step()
+  meta = ck.read_meta(step)
+  plan = stages.StagePlan.from_json(meta["plan"])
+  data = experiment.load_data(config)
+  old = loop.Runner(config, data, plan)             # config = the run's config
+  state, _ = ck.restore(step, checkpoint.abstract_like(old.initial_state()))
+  ck.close()
+  big = config.copy_and_resolve_references(); big.genes.capacity = NEW_CAPACITY
+  new = loop.Runner(big, data, plan)                # its init = the fresh rows
+  grown = surgery.grow_state(state, config.genes.capacity, NEW_CAPACITY,
+                             new.initial_state().params)
+  grown = jax.device_put(grown, new.state_sharding)
+  vocab = experiment.stage_vocab(plan, NEW_CAPACITY, meta["progress"]["stage"])
+  out = checkpoint.Checkpointer(NEW)
+  out.save(step, grown, loop._meta(big, plan, vocab, meta["results"], meta["progress"]))
+  out.close()
+
+then resume with ``python launch.py --config ... --workdir NEW --config.genes.capacity=N``
+(the new capacity is part of the config fingerprint, hence the new workdir). The train step
+compiles once for the new shapes and never again while new genes are activated (checked on
+tests.helpers.tiny_config: grown 160 -> 256 rows mid-stage 0, resumed to the end, one
+compilation of the train step).
 """
 
 from __future__ import annotations

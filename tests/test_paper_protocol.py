@@ -101,6 +101,22 @@ def test_probe_separates_synthetic_embeddings():
     probe.ProbeConfig(epochs=12, eval_every=5)
 
 
+def test_probe_standardize_option():
+  # post-LN-like features: a large shared offset, class signal of spread 0.05 -> the paper's
+  # probe (Adam 5e-3, few epochs) stays near chance, the standardised one separates the classes
+  rng = np.random.default_rng(1)
+  n, e, c = 300, 16, 3
+  labels = rng.integers(0, c, n).astype(np.int32)
+  feats = 0.8 + 0.05 * (rng.normal(0, 3.0, (c, e))[labels] + rng.normal(0, 1.0, (n, e)))
+  cfg = probe.ProbeConfig(trials=1, epochs=10, eval_every=5)
+  raw = probe.evaluate_probe(feats, labels, c, "offset", cfg)
+  std = probe.evaluate_probe(feats, labels, c, "offset",
+                             probe.ProbeConfig(trials=1, epochs=10, eval_every=5, standardize=True))
+  assert std["honest"] > 90 and std["honest"] > raw["honest"] + 20
+  with pytest.raises(DataError, match="embed_tokens"):
+    probe.ProbeConfig(embed_tokens=-1)
+
+
 def test_classification_forgetting():
   m = [[50.0, 60.0], [80.0, 61.0], [75.0, 90.0]]
   f = probe.classification_forgetting(m, [1, 2])
