@@ -10,6 +10,7 @@ each global batch and all of them write the same (shared) workdir.
 """
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 from gil_jax import distributed
@@ -36,6 +37,8 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
   results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() != 0:
+    return
   print()
   print(report.stage_table(results))
   print()

@@ -28,6 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gil_jax import checkpoint  # noqa: E402
 from gil_jax.eval import report  # noqa: E402
 from gil_jax.train import loop  # noqa: E402
 
@@ -42,17 +43,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run_one(config, workdir: str) -> dict:
   """results.json of one run plus its wall time (reused when the run already finished)."""
   timing = os.path.join(workdir, "wall_time.json")
+  fp = checkpoint.fingerprint(config)
   if os.path.exists(os.path.join(workdir, "results.json")) and os.path.exists(timing):
-    with open(os.path.join(workdir, "results.json")) as f:
-      results = json.load(f)
     with open(timing) as f:
-      results["wall_s"] = json.load(f)["wall_s"]
-    return results
+      saved = json.load(f)
+    if saved.get("fingerprint") == fp:
+      with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+      results["wall_s"] = saved["wall_s"]
+      return results
   t0 = time.time()
   results = loop.train_and_evaluate(config, workdir, progress_bar=False)
   wall = time.time() - t0
   with open(timing, "w") as f:
-    json.dump({"wall_s": wall}, f)
+    json.dump({"wall_s": wall, "fingerprint": fp}, f)
   results["wall_s"] = wall
   return results
 

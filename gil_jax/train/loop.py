@@ -313,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if steps_run:
     results["compilations"] = {"train_step": runner.train_step._cache_size(),
                                "eval_step": runner.eval_step._cache_size()}
-  report.write_outputs(workdir, results)
+  if jax.process_index() == 0:
+    report.write_outputs(workdir, results)
   return results
 
 
