@@ -181,7 +181,8 @@ def tables(all_res: dict) -> str:
       stages_shown = [n] if method == "oracle" else range(1, n + 1)
       for s in stages_shown:
         p = paper.get((method, s), (None,) * (n + 1))
-        rows.append([method, "-" if method == "oracle" else s] + rr[s] + [_paper(v) for v in p])
+        vals = rr[s][:-1] + [None] if method == "oracle" else rr[s]  # no Δ for the oracle
+        rows.append([method, "-" if method == "oracle" else s] + vals + [_paper(v) for v in p])
     title = "Table 1" if n == 2 else "Table 2"
     out += [f"### {title} layout: gene-wise regression (masked MSE on each stage's crucial genes, "
             "held-out cells; lower is better)", "", markdown_table(hdr, rows), ""]
@@ -202,7 +203,8 @@ def tables(all_res: dict) -> str:
         for method, res in by_method.items():
           cr = classification_rows(res, key)
           for s in ([n] if method == "oracle" else range(1, n + 1)):
-            row = [method, "-" if method == "oracle" else s] + cr[s]
+            vals = cr[s][:-1] + [None] if method == "oracle" else cr[s]  # no Δ for the oracle
+            row = [method, "-" if method == "oracle" else s] + vals
             if n == 2:
               row += [_paper(v) for v in PAPER_T3.get((method, s), (None,) * 3)]
             rows.append(row)
