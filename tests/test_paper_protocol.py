@@ -1,11 +1,9 @@
 """The GIL paper protocol: crucial-gene plans, gene-based classification, bad downstream input."""
 
 import json
-import os
 
 import jax
 import numpy as np
-import pandas as pd
 import pytest
 
 from gil_jax import experiment

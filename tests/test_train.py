@@ -1,6 +1,5 @@
 """End-to-end behaviour of the train step and the stage loop on tiny synthetic experiments."""
 
-import json
 import os
 import shutil
 import subprocess

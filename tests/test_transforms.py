@@ -1,6 +1,5 @@
 """Continual-learning loss transforms: anchors, gradients, composition, state, resume, no retrace."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

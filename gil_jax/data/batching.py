@@ -241,12 +241,20 @@ def epoch_order(cells: np.ndarray, seed: int, stage_index: int, epoch: int) -> n
 
 def stage_batches(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, spec: BatchSpec,
                   seed: int, stage_index: int, start_step: int = 0, n_steps: int | None = None,
-                  labels: np.ndarray | None = None) -> Iterator[tuple[int, Batch]]:
+                  labels: np.ndarray | None = None, shard: int = 0,
+                  n_shards: int = 1) -> Iterator[tuple[int, Batch]]:
   """Yields (step, Batch) for the n_steps steps start_step, start_step+1, ... (None = forever).
 
   Batches are a pure function of (seed, stage_index, step): resuming at start_step reproduces
-  an uninterrupted run exactly. The last batch of an epoch is padded.
+  an uninterrupted run exactly. The last batch of an epoch is padded. With n_shards > 1, each
+  yielded Batch holds only rows [shard * B/n, (shard + 1) * B/n) of the global batch (one
+  process's part in a multi-process run).
   """
+  if spec.batch_size % n_shards:
+    raise DataError(f"batch_size {spec.batch_size} is not divisible by {n_shards} processes "
+                    "(config.batch.batch_size)")
+  local = spec.batch_size // n_shards
+  lspec = dataclasses.replace(spec, batch_size=local)
   cells = np.asarray(cells, np.int64)
   if len(cells) == 0:
     raise DataError(f"stage {stage_index} has no training cells; check the stage plan.")
@@ -257,9 +265,10 @@ def stage_batches(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray
     e, j = divmod(step, spe)
     if e != epoch:
       epoch, order = e, epoch_order(cells, seed, stage_index, e)
-    chunk = order[j * spec.batch_size:(j + 1) * spec.batch_size]
-    rng = np.random.default_rng([seed, stage_index, step, 1])
-    yield step, make_batch(data, chunk, columns_to_rows, spec, rng, labels=labels)
+    chunk = order[j * spec.batch_size:(j + 1) * spec.batch_size][shard * local:(shard + 1) * local]
+    key = [seed, stage_index, step, 1] + ([shard] if n_shards > 1 else [])
+    yield step, make_batch(data, chunk, columns_to_rows, lspec, np.random.default_rng(key),
+                           labels=labels)
     step += 1
 
 

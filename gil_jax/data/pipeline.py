@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from gil_jax.batch import Batch
 from gil_jax.data.anndata_io import MIN_SIZE_FACTOR, CellData, DataError
-from gil_jax.data.batching import BatchSpec, epoch_order, make_batch, steps_per_epoch
+from gil_jax.data.batching import BatchSpec, stage_batches
 
 
 class LazyCSRRows:
@@ -116,26 +116,8 @@ def shard_batches(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray
 
   With n_shards == 1 this is exactly `batching.stage_batches`.
   """
-  if spec.batch_size % n_shards:
-    raise DataError(f"batch_size {spec.batch_size} is not divisible by {n_shards} processes "
-                    "(config.batch.batch_size)")
-  local = spec.batch_size // n_shards
-  lspec = BatchSpec(**{**spec.__dict__, "batch_size": local})
-  cells = np.asarray(cells, np.int64)
-  if len(cells) == 0:
-    raise DataError(f"stage {stage_index} has no training cells; check the stage plan.")
-  spe = steps_per_epoch(len(cells), spec.batch_size)
-  epoch, order = -1, None
-  step, end = start_step, None if n_steps is None else start_step + n_steps
-  while end is None or step < end:
-    e, j = divmod(step, spe)
-    if e != epoch:
-      epoch, order = e, epoch_order(cells, seed, stage_index, e)
-    chunk = order[j * spec.batch_size:(j + 1) * spec.batch_size][shard * local:(shard + 1) * local]
-    key = [seed, stage_index, step, 1] + ([shard] if n_shards > 1 else [])
-    yield step, make_batch(data, chunk, columns_to_rows, lspec, np.random.default_rng(key),
-                           labels=labels)
-    step += 1
+  return stage_batches(data, cells, columns_to_rows, spec, seed, stage_index, start_step,
+                       n_steps, labels=labels, shard=shard, n_shards=n_shards)
 
 
 class Prefetcher:

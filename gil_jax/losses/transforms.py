@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
-import jax.numpy as jnp
 
 LossFn = Callable[..., Any]  # (params, tstates, inputs, ctx) -> (loss, aux)
 
