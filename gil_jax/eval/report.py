@@ -31,7 +31,7 @@ def stage_table(results: dict) -> str:
   header = ["stage", "cells", "active genes", "new genes", "steps", "seconds", "cells/s",
             "final loss"]
   rows = [[s["name"], s["n_train_cells"], s["n_active_genes"], s["n_new_genes"], s["steps"],
-           round(s["seconds"], 1), round(s.get("cells_per_s") or 0.0, 1), s["final_train_loss"]]
+           f"{s['seconds']:.1f}", f"{s.get('cells_per_s') or 0.0:.0f}", s["final_train_loss"]]
           for s in results["stages"]]
   return markdown_table(header, rows)
 
@@ -55,7 +55,9 @@ def plot_regression_matrix(results: dict, path: str) -> None:
   for i in range(m.shape[0]):
     for j in range(m.shape[1]):
       if not np.isnan(m[i, j]):
-        ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", color="w", fontsize=9)
+        light = im.norm(m[i, j]) < 0.5  # viridis_r is light at the low end
+        ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=9,
+                color="k" if light else "w")
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
   ax.set_yticks(range(len(names)), names)
   ax.set_xlabel("genes of stage")
