@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gil_jax.eval.report import _fmt, markdown_table  # noqa: E402
+from gil_jax.eval.report import _fmt, markdown_table, save_figure  # noqa: E402
 
 
 def plot_confusion(conf: dict, path: str, title: str) -> None:
@@ -30,9 +30,7 @@ def plot_confusion(conf: dict, path: str, title: str) -> None:
   ax.set_ylabel("true")
   ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, shrink=0.7, label="row fraction")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def write_outputs(workdir: str, results: dict) -> None:

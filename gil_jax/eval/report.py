@@ -21,6 +21,12 @@ def _fmt(x: Any, digits: int = 4) -> str:
   return str(x)
 
 
+def save_figure(fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -64,9 +70,7 @@ def plot_regression_matrix(results: dict, path: str) -> None:
   ax.set_ylabel("model after stage")
   ax.set_title(f"gene-wise regression MSE ({results['experiment']})")
   fig.colorbar(im, ax=ax, shrink=0.8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_forgetting(results: dict, path: str) -> None:
@@ -78,9 +82,7 @@ def plot_forgetting(results: dict, path: str) -> None:
   ax.axhline(0, color="k", lw=0.8)
   ax.set_ylabel("Δ MSE (final − just learned)")
   ax.set_title("forgetting per stage")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def write_outputs(workdir: str, results: dict) -> None:
