@@ -29,7 +29,7 @@ def run(args) -> dict:
   c2r = np.arange(1, data.n_genes + 1, dtype=np.int32)
   mesh = parallel.make_mesh({"data": -1, "model": 1})
   sh = parallel.data_sharded(mesh)
-  src = pipeline.shard_batches(data, np.arange(data.n_cells), c2r, spec, 0, 0, 0, args.steps)
+  src = batching.stage_batches(data, np.arange(data.n_cells), c2r, spec, 0, 0, 0, args.steps)
   put = lambda sb: (sb[0], jax.device_put(sb[1], sh))
   t = time.perf_counter()
   n = 0

@@ -4,7 +4,7 @@ Environment (or the same-named keyword arguments): GIL_COORDINATOR ('host:port')
 GIL_NUM_PROCESSES, GIL_PROCESS_ID. With none set and no cluster JAX can detect, this is a
 single-process run and nothing is initialised. On CPU the cross-process collectives use gloo.
 
-Each process builds only its rows of every global batch (``data.pipeline.shard_batches`` with
+Each process builds only its rows of every global batch (``data.batching.stage_batches`` with
 ``shard=jax.process_index(), n_shards=jax.process_count()``) and ``global_batch`` assembles the
 global, data-sharded array with ``jax.make_array_from_process_local_data``. Orbax's
 CheckpointManager is multi-process safe: every process calls save/restore on the same directory.

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from gil_jax import checkpoint, distributed, parallel
-from gil_jax.data import batching, pipeline, simulate
+from gil_jax.data import batching, simulate
 from gil_jax.losses import objectives
 from gil_jax.models import build_model
 from gil_jax.train.state import init_state, make_optimizer
@@ -33,7 +33,8 @@ def local_batches(shards, n_shards, n_steps=3):
                                                         n_modules=4, n_batches=1, seed=0))
   spec = batching.BatchSpec(batch_size=B, n_tokens=N)
   c2r = np.arange(1, 41, dtype=np.int32)
-  its = [pipeline.shard_batches(data, np.arange(64), c2r, spec, 0, 0, 0, n_steps, s, n_shards)
+  its = [batching.stage_batches(data, np.arange(64), c2r, spec, 0, 0, 0, n_steps, shard=s,
+                                n_shards=n_shards)
          for s in shards]
   for parts in zip(*its):
     yield jax.tree.map(lambda *x: np.concatenate(x), *[b for _, b in parts])

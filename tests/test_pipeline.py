@@ -26,7 +26,7 @@ def test_lazy_rows_match_eager(h5ad):
   c2r = np.arange(1, 41, dtype=np.int32)
   cells = np.arange(120)
   a = list(batching.stage_batches(eager, cells, c2r, spec, 0, 0, 0, 3))
-  b = list(pipeline.shard_batches(lazy, cells, c2r, spec, 0, 0, 0, 3))
+  b = list(batching.stage_batches(lazy, cells, c2r, spec, 0, 0, 0, 3))
   for (_, x), (_, y) in zip(a, b):
     np.testing.assert_array_equal(x.gene_ids, y.gene_ids)
     np.testing.assert_array_equal(x.values, y.values)
@@ -37,8 +37,8 @@ def test_shards_partition_the_global_batch(h5ad):
   spec = batching.BatchSpec(batch_size=8, n_tokens=16)
   c2r = np.arange(1, 41, dtype=np.int32)
   cells = np.arange(120)
-  s0 = list(pipeline.shard_batches(lazy, cells, c2r, spec, 0, 0, 4, 2, shard=0, n_shards=2))
-  s1 = list(pipeline.shard_batches(lazy, cells, c2r, spec, 0, 0, 4, 2, shard=1, n_shards=2))
+  s0 = list(batching.stage_batches(lazy, cells, c2r, spec, 0, 0, 4, 2, shard=0, n_shards=2))
+  s1 = list(batching.stage_batches(lazy, cells, c2r, spec, 0, 0, 4, 2, shard=1, n_shards=2))
   order = batching.epoch_order(cells, 0, 0, 0)
   for (st, x), (_, y) in zip(s0, s1):
     assert x.gene_ids.shape == (4, 16)

@@ -4,7 +4,7 @@
   disk (the CSR ``indptr`` is read once; per batch, the rows' ``indices``/``data`` ranges).
   Size factors come from one streaming pass in chunks, so memory is O(chunk), not O(file).
   ``batching.make_batch`` works on it unchanged.
-* ``shard_batches`` yields this process's part of every global batch: the epoch order and the
+* ``batching.stage_batches(..., shard, n_shards)`` yields this process's part of every global batch: the epoch order and the
   step's cell chunk are the same on every process (a pure function of seed, stage, step), and
   process ``p`` of ``P`` builds rows ``[p*B/P, (p+1)*B/P)`` only, reading only those cells. With
   ``n_shards > 1`` each shard's random choices (gene sampling, masks) come from
@@ -26,9 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from gil_jax.batch import Batch
 from gil_jax.data.anndata_io import MIN_SIZE_FACTOR, CellData, DataError
-from gil_jax.data.batching import BatchSpec, stage_batches
 
 
 class LazyCSRRows:
@@ -106,18 +104,6 @@ def open_lazy_h5ad(path: str, name: str | None = None) -> CellData:
                   panel=np.ones((1, X.shape[1]), bool),
                   dataset_index=np.zeros(X.shape[0], np.int32), dataset_names=[name],
                   is_counts=False, size_factors=sf)
-
-
-def shard_batches(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray,
-                  spec: BatchSpec, seed: int, stage_index: int, start_step: int = 0,
-                  n_steps: int | None = None, shard: int = 0, n_shards: int = 1,
-                  labels: np.ndarray | None = None) -> Iterator[tuple[int, Batch]]:
-  """(step, local Batch of spec.batch_size // n_shards cells) for this shard (module docstring).
-
-  With n_shards == 1 this is exactly `batching.stage_batches`.
-  """
-  return stage_batches(data, cells, columns_to_rows, spec, seed, stage_index, start_step,
-                       n_steps, labels=labels, shard=shard, n_shards=n_shards)
 
 
 class Prefetcher:

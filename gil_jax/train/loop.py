@@ -77,10 +77,11 @@ class Runner:
                               donate_argnums=0)
     n_groups = len(plan.stages)
     eval_batch = empty_batch(self.eval_spec.batch_size, self.spec.n_tokens)
+    self.eval_batch_sharding = parallel.batch_shardings(self.mesh, eval_batch)
     self.eval_step = jax.jit(
         make_regression_eval_step(self.model, self.likelihood, self.spec.normalisation, n_groups),
         in_shardings=(self.state_sharding.params,
-                      parallel.batch_shardings(self.mesh, eval_batch), self.repl, self.repl),
+                      self.eval_batch_sharding, self.repl, self.repl),
         out_shardings=(self.repl, self.repl))
 
   def init_state(self) -> TrainState:
@@ -120,12 +121,12 @@ class Runner:
 
     Batches stay a pure function of (seed, stage, step), so resuming at `start` is exact. With
     several processes each builds only its rows of every global batch
-    (`pipeline.shard_batches`) and of the transforms' extra inputs (computed whole, then sliced:
+    (`batching.stage_batches` with shard / n_shards) and of the transforms' extra inputs (computed whole, then sliced:
     they are small and deterministic). `transforms`: a host copy of the transform states (the
     step donates the device state, so the producer thread must not read it).
     """
     pid, n_proc = jax.process_index(), jax.process_count()
-    source = pipeline.shard_batches(self.data, stage.train_cells, cols, self.spec, feed.seed,
+    source = batching.stage_batches(self.data, stage.train_cells, cols, self.spec, feed.seed,
                                     feed.stage, start, n, shard=pid, n_shards=n_proc)
 
     def build(item):
@@ -157,14 +158,14 @@ class Runner:
     cols = stages.eval_columns(self.data, vocab, experiment.seen_genes(self.plan, upto))
     stage_rows = [vocab.rows(s.eval_genes) for s in self.plan.stages[:upto + 1]]
     row_group = regression.stage_row_groups(self.capacity, stage_rows)
-    batches = (self.put(b, self.eval_step_batch_sharding()) for b in batching.eval_batches(
+    batches = (self.put(b, self.eval_batch_sharding) for b in batching.eval_batches(
         self.data, self.plan.eval_cells, cols, self.eval_spec, self.config.eval.mask_seed))
     mse = regression.pooled_mse(self.eval_step, params, batches, active,
                                 self.put(jnp.asarray(row_group), self.repl), len(self.plan.stages))
     return [mse[j] if j <= upto else None for j in range(len(self.plan.stages))]
 
   def eval_step_batch_sharding(self):
-    return parallel.batch_shardings(self.mesh, empty_batch(1, 1))
+    return self.eval_batch_sharding
 
 
 def _new_results(config, plan: stages.StagePlan) -> dict:
@@ -329,7 +330,7 @@ def _process_rows(x, pid: int, n_proc: int):
 
 def _consolidation_batches(runner: Runner, stage, cols, k: int, n: int):
   """n batches of stage k's training data, for transforms that estimate statistics."""
-  for _, batch in pipeline.shard_batches(runner.data, stage.train_cells, cols, runner.spec,
+  for _, batch in batching.stage_batches(runner.data, stage.train_cells, cols, runner.spec,
                                          runner.config.seed + 7919, k, 0, n,
                                          shard=jax.process_index(), n_shards=jax.process_count()):
     if jax.process_count() == 1:
