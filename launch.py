@@ -9,13 +9,17 @@ GIL_COORDINATOR / GIL_NUM_PROCESSES / GIL_PROCESS_ID); every process reads only 
 each global batch and all of them write the same (shared) workdir.
 """
 
-from absl import app, flags, logging
-import jax
-from ml_collections import config_flags
+from gil_jax import hostenv
 
-from gil_jax import distributed
-from gil_jax.train import loop
-from gil_jax.eval import report
+hostenv.use_huge_pages()  # re-executes once, before any buffer is allocated (see hostenv.py)
+
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from gil_jax import distributed  # noqa: E402
+from gil_jax.train import loop  # noqa: E402
+from gil_jax.eval import report  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",

@@ -12,10 +12,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import best_time, emit  # noqa: E402 (first: it may re-exec)
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
-from common import best_time, emit  # noqa: E402
 from gil_jax.models import kernels  # noqa: E402
 
 

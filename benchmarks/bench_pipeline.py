@@ -13,10 +13,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import emit  # noqa: E402 (first: it may re-exec)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import emit  # noqa: E402
 from gil_jax import parallel  # noqa: E402
 from gil_jax.data import batching, pipeline  # noqa: E402
 

@@ -19,11 +19,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import best_time, device_peak_bytes, emit, matmul_peak, peak_rss_bytes  # noqa: E402 (first: it may re-exec)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import best_time, device_peak_bytes, emit, matmul_peak, peak_rss_bytes  # noqa: E402
 from gil_jax import parallel  # noqa: E402
 from gil_jax.batch import Batch  # noqa: E402
 from gil_jax.config_base import base_config  # noqa: E402

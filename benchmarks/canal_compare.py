@@ -23,6 +23,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from gil_jax import hostenv  # noqa: E402
+
+hostenv.use_huge_pages()  # see gil_jax/hostenv.py
+
 
 import numpy as np  # noqa: E402
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
+import sys
 import time
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gil_jax import hostenv  # noqa: E402
+
+hostenv.use_huge_pages()  # benchmarks measure what launch.py runs (see gil_jax/hostenv.py)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 
 def best_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:

@@ -23,6 +23,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gil_jax import hostenv  # noqa: E402
+
+hostenv.use_huge_pages()  # see gil_jax/hostenv.py
+
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -28,6 +28,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from gil_jax import hostenv  # noqa: E402
+
+hostenv.use_huge_pages()  # see gil_jax/hostenv.py
+
 
 from configs import gil_paper_2stage, gil_paper_3stage  # noqa: E402
 from gil_jax import checkpoint, experiment  # noqa: E402

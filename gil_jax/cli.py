@@ -64,6 +64,9 @@ def _annotate(args, embed_only: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # the real command line: safe to re-execute it (see gil_jax/hostenv.py)
+    from gil_jax import hostenv
+    hostenv.use_huge_pages()
   parser = argparse.ArgumentParser(prog="gil-jax", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)

@@ -77,22 +77,6 @@ class GeneTable(nn.Module):
     return jnp.take(self.log_theta, ids, axis=0, mode="fill")
 
 
-def attend(q: Array, k: Array, v: Array, key_mask: Array | None, *, dropout_rate: float = 0.0,
-           dropout_rng: Array | None = None) -> Array:
-  """Multi-head softmax attention with a boolean key mask.
-
-  q [B, Q, H, D], k/v [B, K, H, D], key_mask bool [B, K] (True = attend) or None. Same math as
-  ``jax.nn.dot_product_attention``'s XLA path (float32 logits and softmax), plus optional dropout
-  on the attention probabilities. A query row with no valid key returns exactly 0 (no NaN, and no
-  dependence on the masked keys). Implemented by ``kernels.attention``: cache-sized tiles of
-  (cell, head) pairs on CPU, a flash-style backward pass, and hash-based dropout masks that are
-  recomputed rather than stored (see gil_jax/models/kernels.py for the measurements).
-  """
-  use_dropout = dropout_rate > 0.0 and dropout_rng is not None
-  seed = kernels.seed_words(dropout_rng) if use_dropout else None
-  return kernels.attention(q, k, v, key_mask, dropout_rate if use_dropout else 0.0, seed)
-
-
 class Dropout(nn.Module):
   """Inverted dropout like ``nn.Dropout``, with a counter-hash mask (``kernels.dropout``): the
   same keep probability, ~30x cheaper on CPU than ``jax.random.bernoulli``."""
@@ -107,10 +91,14 @@ class Dropout(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with fused projections (one matmul for qkv, or q and one for kv).
+  """Multi-head softmax attention with fused projections (one matmul for qkv, or q and one for
+  kv), the same math as ``jax.nn.dot_product_attention``'s XLA path (float32 logits and softmax).
 
-  Self-attention when ``kv`` is None. ``key_mask`` bool [B, K]. Dropout (``dropout_rate``) is
-  applied to the attention probabilities, as in PyTorch's ``nn.MultiheadAttention``.
+  Self-attention when ``kv`` is None. ``key_mask`` bool [B, K] (True = attend); a query with no
+  valid key returns exactly 0. Dropout (``dropout_rate``) is applied to the attention
+  probabilities, as in PyTorch's ``nn.MultiheadAttention``. The kernels (``kernels.py``) read the
+  packed projections in place, tile by (cell, head group) on CPU, recompute probabilities in the
+  backward pass and derive dropout masks from a counter hash instead of storing them.
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -124,14 +112,14 @@ class Attention(nn.Module):
     heads = (self.num_heads, d // self.num_heads)
     dense = lambda feats, name: nn.DenseGeneral(feats, dtype=self.dtype, name=name,
                                                 dot_general=kernels.dense_dot_general)
-    if kv is None:
-      q, k, v = jnp.moveaxis(dense((3,) + heads, "qkv")(x), -3, 0)
-    else:
-      q = dense(heads, "q")(x)
-      k, v = jnp.moveaxis(dense((2,) + heads, "kv")(kv), -3, 0)
     use_dropout = train and self.dropout_rate > 0.0
-    out = attend(q, k, v, key_mask, dropout_rate=self.dropout_rate,
-                 dropout_rng=self.make_rng("dropout") if use_dropout else None)
+    rate = self.dropout_rate if use_dropout else 0.0
+    seed = kernels.seed_words(self.make_rng("dropout")) if use_dropout else None
+    if kv is None:
+      out = kernels.self_attention(dense((3,) + heads, "qkv")(x), key_mask, rate, seed)
+    else:
+      out = kernels.cross_attention(dense(heads, "q")(x), dense((2,) + heads, "kv")(kv),
+                                    key_mask, rate, seed)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out",
                            dot_general=kernels.dense_dot_general)(out)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ import numpy as np
 
 _C1, _C2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 _GOLD, _ODD = np.uint32(0x9E3779B9), np.uint32(0x27D4EB2F)
-TILE_ELEMENTS = int(os.environ.get("GIL_ATTN_TILE", 1 << 18))  # logits per CPU tile (1 MiB f32: L2)
+TILE_ELEMENTS = int(os.environ.get("GIL_ATTN_TILE", 1 << 23))  # logits per CPU tile (32 MiB f32)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -57,8 +58,9 @@ def seed_words(key: jax.Array) -> jax.Array:
 
 def keep_mask(seed: jax.Array, shape: tuple[int, ...], rate: float,
               block: jax.Array | int = 0) -> jax.Array:
-  """bool[shape], True with probability 1 - rate (to 2^-32), a pure function of (seed, block,
-  element index): reproducible, so the backward pass re-derives it instead of storing it."""
+  """bool[..., *shape], True with probability 1 - rate (to 2^-32): a pure function of (seed,
+  block, element index within ``shape``), so the backward pass re-derives it instead of storing
+  it. ``block`` (uint32, any shape broadcastable against ``shape``) numbers independent planes."""
   idx = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   h = _fmix32(idx * _GOLD + seed[0])
   h = _fmix32(h ^ (jnp.asarray(block, jnp.uint32) * _ODD + seed[1]))
@@ -116,113 +118,192 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
 
 # ------------------------------------------------------------------------------------ attention
 
-def _group_size(n_pairs: int, q: int, k: int) -> int:
-  """(cell, head) pairs per tile: all of them off CPU; on CPU the largest divisor of n_pairs
-  whose [g, q, k] logits stay under TILE_ELEMENTS."""
+def _heads_per_tile(n_heads: int, q: int, k: int) -> int:
+  """Heads per tile: all of them off CPU; on CPU the largest divisor of n_heads whose
+  [hg, q, k] logits stay under TILE_ELEMENTS (at least 1)."""
   if jax.default_backend() != "cpu":
-    return n_pairs
+    return n_heads
   cap = max(1, TILE_ELEMENTS // max(q * k, 1))
-  return max(d for d in range(1, min(cap, n_pairs) + 1) if n_pairs % d == 0)
+  return max(d for d in range(1, min(cap, n_heads) + 1) if n_heads % d == 0)
 
 
-def _to_tiles(x: jax.Array, g: int) -> jax.Array:
-  """[B, S, H, D] -> [B*H/g, g, S, D]."""
-  b, s, h, d = x.shape
-  return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h // g, g, s, d)
+class _Tiling(NamedTuple):
+  cells: int   # cells per tile
+  heads: int   # heads per tile
+  n_head_groups: int
+
+  def origin(self, i):
+    """(first cell, first head) of tile ``i``."""
+    return (i // self.n_head_groups) * self.cells, (i % self.n_head_groups) * self.heads
 
 
-def _from_tiles(x: jax.Array, b: int, h: int) -> jax.Array:
-  _, _, s, d = x.shape
-  return jnp.transpose(x.reshape(b, h, s, d), (0, 2, 1, 3))
+def _tiling(b: int, h: int, q: int, k: int) -> _Tiling:
+  if jax.default_backend() != "cpu":
+    return _Tiling(b, h, 1)             # one tile: the whole batch, fused by the compiler
+  hg = _heads_per_tile(h, q, k)
+  return _Tiling(1, hg, h // hg)
 
 
-def _mask_tiles(mask: jax.Array, h: int, g: int) -> jax.Array:
-  """bool[B, K] -> [B*H/g, g, K]."""
-  b, k = mask.shape
-  return jnp.broadcast_to(mask[:, None, :], (b, h, k)).reshape(b * h // g, g, k)
+def _read(x, t: _Tiling, i, head_axis: int):
+  """Tile ``i`` of x [B, S, ..., H, D] (``head_axis`` = H's axis): cells and heads sliced."""
+  b0, h0 = t.origin(i)
+  x = jax.lax.dynamic_slice_in_dim(x, b0, t.cells, 0)
+  return jax.lax.dynamic_slice_in_dim(x, h0, t.heads, head_axis)
 
 
-def _probs(q, k, m, lse, scale):
-  logits = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale
-  return jnp.where(m[:, None, :], jnp.exp(logits - lse[..., None]), 0.0)
+def _write(buf, x, t: _Tiling, i, head_axis: int):
+  b0, h0 = t.origin(i)
+  start = [0] * buf.ndim
+  start[0], start[head_axis] = b0, h0
+  return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), start)
 
 
-def _fwd_tiles(q, k, v, m, seed, rate, g):
-  n_tiles = q.shape[0]
-  scale = q.shape[-1] ** -0.5
-  inv = 1.0 / (1.0 - rate) if rate > 0 else 1.0
-
-  def tile(args):
-    qt, kt, vt, mt, j = args
-    logits = jnp.einsum("gqd,gkd->gqk", qt, kt, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mt[:, None, :], logits, -jnp.inf)
-    mx = jnp.max(logits, axis=-1, keepdims=True)
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    e = jnp.exp(logits - mx)                                  # masked keys: exp(-inf) = 0
-    s = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.maximum(s, 1e-30)                             # all-masked rows: p = 0
-    lse = (mx + jnp.log(jnp.maximum(s, 1e-30)))[..., 0]
-    if rate > 0:
-      p = jnp.where(keep_mask(seed, p.shape, rate, j), p * inv, 0.0)
-    o = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
-    return o.astype(vt.dtype), lse
-
-  return jax.lax.map(tile, (q, k, v, m, jnp.arange(n_tiles, dtype=jnp.uint32)))
+def _unpack(q, kv, blk_q, blk_kv):
+  """(q, k, v) tiles [c, S, hg, D] from packed tiles: self-attention (q is None) reads all three
+  from kv [c, S, 3, hg, D]; cross-attention reads q and kv [c, K, 2, hg, D]."""
+  if q is None:
+    q_, k_, v_ = blk_kv[:, :, 0], blk_kv[:, :, 1], blk_kv[:, :, 2]
+  else:
+    q_, k_, v_ = blk_q, blk_kv[:, :, 0], blk_kv[:, :, 1]
+  return _head_major(q_), _head_major(k_), _head_major(v_)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attend_tiles(q, k, v, m, seed, rate, g):
-  return _fwd_tiles(q, k, v, m, seed, rate, g)[0]
+def _head_major(x):
+  """[c, S, hg, D] -> [c, hg, S, D]: small copies that let every tile matmul run on contiguous
+  row-major operands (otherwise XLA transposes the [Q, K] probabilities instead)."""
+  return jnp.swapaxes(x, 1, 2)
 
 
-def _attend_tiles_fwd(q, k, v, m, seed, rate, g):
-  o, lse = _fwd_tiles(q, k, v, m, seed, rate, g)
-  return o, (q, k, v, m, seed, o, lse)
+def _plane_ids(t: _Tiling, i, n_heads: int):
+  """uint32[c, hg, 1, 1] global (cell, head) plane ids of tile i: dropout masks depend only on
+  the global (cell, head, query, key) position, not on the tiling."""
+  b0, h0 = t.origin(i)
+  cells = jnp.arange(t.cells, dtype=jnp.uint32)[:, None] + jnp.asarray(b0, jnp.uint32)
+  heads = jnp.arange(t.heads, dtype=jnp.uint32)[None, :] + jnp.asarray(h0, jnp.uint32)
+  return (cells * np.uint32(n_heads) + heads)[..., None, None]
 
 
-def _attend_tiles_bwd(rate, g, res, do):
-  q, k, v, m, seed, _, lse = res
-  scale = q.shape[-1] ** -0.5
-  inv = 1.0 / (1.0 - rate) if rate > 0 else 1.0
+def _tile_fwd(qt, kt, vt, mt, keep):
+  """One tile: q [c, hg, Q, D], k/v [c, hg, K, D], mask [c, K], keep (scaled) or None ->
+  (out [c, Q, hg, D], lse [c, hg, Q])."""
+  scale = qt.shape[-1] ** -0.5
+  logits = jnp.einsum("chqd,chkd->chqk", qt, kt, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mt[:, None, None, :], logits, -jnp.inf)
+  mx = jnp.max(logits, axis=-1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  e = jnp.exp(logits - mx)                                    # masked keys: exp(-inf) = 0
+  s = jnp.sum(e, axis=-1, keepdims=True)
+  p = e / jnp.maximum(s, 1e-30)                               # all-masked rows: p = 0
+  lse = (mx + jnp.log(jnp.maximum(s, 1e-30)))[..., 0]
+  if keep is not None:
+    p = p * keep
+  o = jnp.einsum("chqk,chkd->chqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(o, 1, 2), lse
+
+
+def _keep_scale(seed, t: _Tiling, i, n_heads: int, q: int, k: int, rate: float):
+  """float32[c, hg, Q, K]: 0 for dropped probabilities, 1 / (1 - rate) for kept ones."""
+  keep = keep_mask(seed, (q, k), rate, _plane_ids(t, i, n_heads))
+  return jnp.where(keep, np.float32(1.0 / (1.0 - rate)), np.float32(0.0))
+
+
+def _attn_fwd(q, kv, m, seed, rate):
+  b, nk, _, h, d = kv.shape
+  nq = nk if q is None else q.shape[1]
+  t = _tiling(b, h, nq, nk)
+  dt = kv.dtype
+
+  def body(i, carry):
+    o_buf, lse_buf = carry
+    qt, kt, vt = _unpack(q, kv, None if q is None else _read(q, t, i, 2), _read(kv, t, i, 3))
+    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)
+    keep = _keep_scale(seed, t, i, h, nq, nk, rate) if rate > 0 else None
+    o, lse = _tile_fwd(qt, kt, vt, mt, keep)
+    return _write(o_buf, o, t, i, 2), _write(lse_buf, lse, t, i, 1)
+
+  init = (jnp.zeros((b, nq, h, d), dt), jnp.zeros((b, h, nq), jnp.float32))
+  n_tiles = (b // t.cells) * t.n_head_groups
+  return jax.lax.fori_loop(0, n_tiles, body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, kv, m, seed, rate):
+  return _attn_fwd(q, kv, m, seed, rate)[0]
+
+
+def _attention_fwd(q, kv, m, seed, rate):
+  o, lse = _attn_fwd(q, kv, m, seed, rate)
+  return o, (q, kv, m, seed, o, lse)
+
+
+def _attention_bwd(rate, res, do):
+  q, kv, m, seed, o, lse = res
+  b, nk, _, h, d = kv.shape
+  nq = nk if q is None else q.shape[1]
+  t = _tiling(b, h, nq, nk)
+  scale = d ** -0.5
   f32 = jnp.float32
 
-  def tile(args):
-    qt, kt, vt, mt, lt, dot, j = args
-    p = _probs(qt, kt, mt, lt, scale)
-    if rate > 0:
-      keep = keep_mask(seed, p.shape, rate, j)
-      pd = jnp.where(keep, p * inv, 0.0)
-    else:
-      pd = p
-    dv = jnp.einsum("gqk,gqd->gkd", pd.astype(dot.dtype), dot, preferred_element_type=f32)
-    dp = jnp.einsum("gqd,gkd->gqk", dot, vt, preferred_element_type=f32)
-    if rate > 0:
-      dp = jnp.where(keep, dp * inv, 0.0)
-    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale
-    dq = jnp.einsum("gqk,gkd->gqd", ds.astype(kt.dtype), kt, preferred_element_type=f32)
-    dk = jnp.einsum("gqk,gqd->gkd", ds.astype(qt.dtype), qt, preferred_element_type=f32)
-    return dq.astype(qt.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype)
+  def body(i, carry):
+    dq_buf, dkv_buf = carry
+    qt, kt, vt = _unpack(q, kv, None if q is None else _read(q, t, i, 2), _read(kv, t, i, 3))
+    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)
+    lt, ot, dot = _read(lse, t, i, 1), _head_major(_read(o, t, i, 2)), _head_major(_read(do, t, i, 2))
+    logits = jnp.einsum("chqd,chkd->chqk", qt, kt, preferred_element_type=f32) * scale
+    p = jnp.where(mt[:, None, None, :], jnp.exp(logits - lt[..., None]), 0.0)
+    keep = _keep_scale(seed, t, i, h, nq, nk, rate) if rate > 0 else None
+    pd = p if keep is None else p * keep
+    dv = jnp.einsum("chqk,chqd->chkd", pd.astype(dot.dtype), dot, preferred_element_type=f32)
+    dp = jnp.einsum("chqd,chkd->chqk", dot, vt, preferred_element_type=f32)
+    if keep is not None:
+      dp = dp * keep
+    # rowsum(P * dP) = rowsum(dO * O), also with dropout: a [c, hg, Q] vector from the small
+    # [Q, D] tiles rather than a reduction over the [Q, K] probabilities.
+    delta = (dot.astype(f32) * ot.astype(f32)) @ jnp.ones((d,), f32)
+    ds = (p * (dp - delta[..., None]) * scale).astype(kt.dtype)
+    dq = jnp.einsum("chqk,chkd->chqd", ds, kt, preferred_element_type=f32)
+    dk = jnp.einsum("chqk,chqd->chkd", ds, qt, preferred_element_type=f32)
+    dq, dk, dv = (jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))
+    if q is None:
+      return dq_buf, _write(dkv_buf, jnp.stack([dq, dk, dv], axis=2), t, i, 3)
+    return _write(dq_buf, dq, t, i, 2), _write(dkv_buf, jnp.stack([dk, dv], axis=2), t, i, 3)
 
-  js = jnp.arange(q.shape[0], dtype=jnp.uint32)
-  dq, dk, dv = jax.lax.map(tile, (q, k, v, m, lse, do, js))
-  return dq, dk, dv, None, None
+  init = (None if q is None else jnp.zeros_like(q), jnp.zeros_like(kv))
+  n_tiles = (b // t.cells) * t.n_head_groups
+  dq, dkv = jax.lax.fori_loop(0, n_tiles, body, init)
+  return dq, dkv, None, None
 
 
-_attend_tiles.defvjp(_attend_tiles_fwd, _attend_tiles_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
-              dropout_rate: float = 0.0, seed: jax.Array | None = None) -> jax.Array:
-  """Softmax attention. q [B, Q, H, D], k/v [B, K, H, D], key_mask bool [B, K] or None ->
-  [B, Q, H, D]. Dropout on the probabilities when ``seed`` (``seed_words``) is given."""
-  b, nq, h, _ = q.shape
-  nk = k.shape[1]
+def _prepare(key_mask, b, nk, dropout_rate, seed):
   rate = float(dropout_rate) if seed is not None else 0.0
   if seed is None:
     seed = jnp.zeros((2,), jnp.uint32)
   if key_mask is None:
     key_mask = jnp.ones((b, nk), bool)
-  g = _group_size(b * h, nq, nk)
-  out = _attend_tiles(_to_tiles(q, g), _to_tiles(k, g), _to_tiles(v, g),
-                      _mask_tiles(key_mask, h, g), seed, rate, g)
-  return _from_tiles(out, b, h)
+  return key_mask, rate, seed
+
+
+def self_attention(qkv: jax.Array, key_mask: jax.Array | None, dropout_rate: float = 0.0,
+                   seed: jax.Array | None = None) -> jax.Array:
+  """Softmax self-attention of packed projections qkv [B, S, 3, H, D] (q, k, v on axis 2),
+  key_mask bool [B, S] or None -> [B, S, H, D]. Dropout on the probabilities when ``seed``
+  (``seed_words``) is given. The gradient comes back packed like ``qkv``."""
+  key_mask, rate, seed = _prepare(key_mask, qkv.shape[0], qkv.shape[1], dropout_rate, seed)
+  return _attention(None, qkv, key_mask, seed, rate)
+
+
+def cross_attention(q: jax.Array, kv: jax.Array, key_mask: jax.Array | None,
+                    dropout_rate: float = 0.0, seed: jax.Array | None = None) -> jax.Array:
+  """Softmax attention of q [B, Q, H, D] over packed kv [B, K, 2, H, D] (k, v on axis 2),
+  key_mask bool [B, K] or None -> [B, Q, H, D]; dropout as in ``self_attention``."""
+  key_mask, rate, seed = _prepare(key_mask, kv.shape[0], kv.shape[1], dropout_rate, seed)
+  return _attention(q, kv, key_mask, seed, rate)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
+              dropout_rate: float = 0.0, seed: jax.Array | None = None) -> jax.Array:
+  """Softmax attention of separate q [B, Q, H, D], k/v [B, K, H, D] -> [B, Q, H, D]."""
+  return cross_attention(q, jnp.stack([k, v], axis=2), key_mask, dropout_rate, seed)
