@@ -37,7 +37,7 @@ import numpy as np
 
 _C1, _C2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 _GOLD, _ODD = np.uint32(0x9E3779B9), np.uint32(0x27D4EB2F)
-TILE_ELEMENTS = int(os.environ.get("GIL_ATTN_TILE", 1 << 23))  # logits per CPU tile (32 MiB f32)
+TILE_ELEMENTS = int(os.environ.get("GIL_ATTN_TILE", 1 << 22))  # logits per CPU tile (16 MiB f32)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -118,15 +118,6 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
 
 # ------------------------------------------------------------------------------------ attention
 
-def _heads_per_tile(n_heads: int, q: int, k: int) -> int:
-  """Heads per tile: all of them off CPU; on CPU the largest divisor of n_heads whose
-  [hg, q, k] logits stay under TILE_ELEMENTS (at least 1)."""
-  if jax.default_backend() != "cpu":
-    return n_heads
-  cap = max(1, TILE_ELEMENTS // max(q * k, 1))
-  return max(d for d in range(1, min(cap, n_heads) + 1) if n_heads % d == 0)
-
-
 class _Tiling(NamedTuple):
   cells: int   # cells per tile
   heads: int   # heads per tile
@@ -136,16 +127,26 @@ class _Tiling(NamedTuple):
     """(first cell, first head) of tile ``i``."""
     return (i // self.n_head_groups) * self.cells, (i % self.n_head_groups) * self.heads
 
+  def count(self, b: int) -> int:
+    return (b // self.cells) * self.n_head_groups
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+  return max(d for d in range(1, min(max(cap, 1), n) + 1) if n % d == 0)
+
 
 def _tiling(b: int, h: int, q: int, k: int) -> _Tiling:
+  """Off CPU one tile (the whole batch). On CPU as many heads, then cells, as keep a tile's
+  [cells, heads, q, k] logits under TILE_ELEMENTS (at least one (cell, head) pair)."""
   if jax.default_backend() != "cpu":
-    return _Tiling(b, h, 1)             # one tile: the whole batch, fused by the compiler
-  hg = _heads_per_tile(h, q, k)
-  return _Tiling(1, hg, h // hg)
+    return _Tiling(b, h, 1)
+  hg = _largest_divisor(h, TILE_ELEMENTS // max(q * k, 1))
+  cells = _largest_divisor(b, TILE_ELEMENTS // max(hg * q * k, 1)) if hg == h else 1
+  return _Tiling(cells, hg, h // hg)
 
 
 def _read(x, t: _Tiling, i, head_axis: int):
-  """Tile ``i`` of x [B, S, ..., H, D] (``head_axis`` = H's axis): cells and heads sliced."""
+  """Tile ``i`` of x [B, ..., H, ...] (``head_axis`` = H's axis): cells and heads sliced."""
   b0, h0 = t.origin(i)
   x = jax.lax.dynamic_slice_in_dim(x, b0, t.cells, 0)
   return jax.lax.dynamic_slice_in_dim(x, h0, t.heads, head_axis)
@@ -158,20 +159,24 @@ def _write(buf, x, t: _Tiling, i, head_axis: int):
   return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), start)
 
 
-def _unpack(q, kv, blk_q, blk_kv):
-  """(q, k, v) tiles [c, S, hg, D] from packed tiles: self-attention (q is None) reads all three
-  from kv [c, S, 3, hg, D]; cross-attention reads q and kv [c, K, 2, hg, D]."""
-  if q is None:
-    q_, k_, v_ = blk_kv[:, :, 0], blk_kv[:, :, 1], blk_kv[:, :, 2]
-  else:
-    q_, k_, v_ = blk_q, blk_kv[:, :, 0], blk_kv[:, :, 1]
-  return _head_major(q_), _head_major(k_), _head_major(v_)
-
-
 def _head_major(x):
-  """[c, S, hg, D] -> [c, hg, S, D]: small copies that let every tile matmul run on contiguous
-  row-major operands (otherwise XLA transposes the [Q, K] probabilities instead)."""
-  return jnp.swapaxes(x, 1, 2)
+  """[c, S, ..., hg, D] -> [c, ..., hg, S, D] in one copy: every tile matmul then runs on
+  contiguous row-major operands (otherwise XLA transposes the [Q, K] probabilities instead)."""
+  return jnp.moveaxis(x, 1, -2)
+
+
+def _seq_major(x):
+  """Inverse of ``_head_major``."""
+  return jnp.moveaxis(x, -2, 1)
+
+
+def _read_qkv(q, kv, t: _Tiling, i):
+  """Head-major (q, k, v) tiles [c, hg, S, D]: self-attention (q is None) reads all three from
+  kv [B, S, 3, H, D]; cross-attention reads q [B, Q, H, D] and kv [B, K, 2, H, D]."""
+  blk = _head_major(_read(kv, t, i, 3))                        # [c, 2|3, hg, S, D]
+  if q is None:
+    return blk[:, 0], blk[:, 1], blk[:, 2]
+  return _head_major(_read(q, t, i, 2)), blk[:, 0], blk[:, 1]
 
 
 def _plane_ids(t: _Tiling, i, n_heads: int):
@@ -183,47 +188,42 @@ def _plane_ids(t: _Tiling, i, n_heads: int):
   return (cells * np.uint32(n_heads) + heads)[..., None, None]
 
 
-def _tile_fwd(qt, kt, vt, mt, keep):
-  """One tile: q [c, hg, Q, D], k/v [c, hg, K, D], mask [c, K], keep (scaled) or None ->
-  (out [c, Q, hg, D], lse [c, hg, Q])."""
-  scale = qt.shape[-1] ** -0.5
-  logits = jnp.einsum("chqd,chkd->chqk", qt, kt, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mt[:, None, None, :], logits, -jnp.inf)
-  mx = jnp.max(logits, axis=-1, keepdims=True)
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  e = jnp.exp(logits - mx)                                    # masked keys: exp(-inf) = 0
-  s = jnp.sum(e, axis=-1, keepdims=True)
-  p = e / jnp.maximum(s, 1e-30)                               # all-masked rows: p = 0
-  lse = (mx + jnp.log(jnp.maximum(s, 1e-30)))[..., 0]
-  if keep is not None:
-    p = p * keep
-  o = jnp.einsum("chqk,chkd->chqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
-  return jnp.swapaxes(o, 1, 2), lse
+def _dropped(p, seed, t: _Tiling, i, n_heads: int, rate: float):
+  """Inverted dropout of the probabilities p [c, hg, Q, K] (identity at rate 0)."""
+  if rate <= 0:
+    return p
+  keep = keep_mask(seed, p.shape[-2:], rate, _plane_ids(t, i, n_heads))
+  return jnp.where(keep, p * np.float32(1.0 / (1.0 - rate)), np.float32(0.0))
 
 
-def _keep_scale(seed, t: _Tiling, i, n_heads: int, q: int, k: int, rate: float):
-  """float32[c, hg, Q, K]: 0 for dropped probabilities, 1 / (1 - rate) for kept ones."""
-  keep = keep_mask(seed, (q, k), rate, _plane_ids(t, i, n_heads))
-  return jnp.where(keep, np.float32(1.0 / (1.0 - rate)), np.float32(0.0))
+def _scaled(q):
+  """q / sqrt(D), applied to the small [.., Q, D] tile rather than to the [.., Q, K] logits."""
+  return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
 
 
 def _attn_fwd(q, kv, m, seed, rate):
   b, nk, _, h, d = kv.shape
   nq = nk if q is None else q.shape[1]
   t = _tiling(b, h, nq, nk)
-  dt = kv.dtype
+  f32 = jnp.float32
 
   def body(i, carry):
     o_buf, lse_buf = carry
-    qt, kt, vt = _unpack(q, kv, None if q is None else _read(q, t, i, 2), _read(kv, t, i, 3))
-    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)
-    keep = _keep_scale(seed, t, i, h, nq, nk, rate) if rate > 0 else None
-    o, lse = _tile_fwd(qt, kt, vt, mt, keep)
-    return _write(o_buf, o, t, i, 2), _write(lse_buf, lse, t, i, 1)
+    qt, kt, vt = _read_qkv(q, kv, t, i)
+    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)[:, None, None, :]
+    logits = jnp.einsum("chqd,chkd->chqk", _scaled(qt), kt, preferred_element_type=f32)
+    logits = jnp.where(mt, logits, -jnp.inf)
+    mx = jnp.max(logits, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    e = jnp.exp(logits - mx)                                  # masked keys: exp(-inf) = 0
+    s = jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+    p = _dropped(e / s, seed, t, i, h, rate)                  # all-masked rows: p = 0
+    o = jnp.einsum("chqk,chkd->chqd", p.astype(vt.dtype), vt, preferred_element_type=f32)
+    lse = (mx + jnp.log(s))[..., 0]
+    return _write(o_buf, _seq_major(o), t, i, 2), _write(lse_buf, lse, t, i, 1)
 
-  init = (jnp.zeros((b, nq, h, d), dt), jnp.zeros((b, h, nq), jnp.float32))
-  n_tiles = (b // t.cells) * t.n_head_groups
-  return jax.lax.fori_loop(0, n_tiles, body, init)
+  init = (jnp.zeros((b, nq, h, d), kv.dtype), jnp.zeros((b, h, nq), f32))
+  return jax.lax.fori_loop(0, t.count(b), body, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -241,36 +241,35 @@ def _attention_bwd(rate, res, do):
   b, nk, _, h, d = kv.shape
   nq = nk if q is None else q.shape[1]
   t = _tiling(b, h, nq, nk)
-  scale = d ** -0.5
   f32 = jnp.float32
+  # rowsum(P * dP) = rowsum(dO * O), also with dropout: from the [B, Q, H, D] arrays instead of
+  # the [Q, K] probabilities; as a matmul with ones (XLA:CPU's minor-axis reductions are slow).
+  delta = ((do.astype(f32) * o.astype(f32)) @ jnp.ones((d,), f32)).transpose(0, 2, 1)
 
   def body(i, carry):
     dq_buf, dkv_buf = carry
-    qt, kt, vt = _unpack(q, kv, None if q is None else _read(q, t, i, 2), _read(kv, t, i, 3))
-    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)
-    lt, ot, dot = _read(lse, t, i, 1), _head_major(_read(o, t, i, 2)), _head_major(_read(do, t, i, 2))
-    logits = jnp.einsum("chqd,chkd->chqk", qt, kt, preferred_element_type=f32) * scale
-    p = jnp.where(mt[:, None, None, :], jnp.exp(logits - lt[..., None]), 0.0)
-    keep = _keep_scale(seed, t, i, h, nq, nk, rate) if rate > 0 else None
-    pd = p if keep is None else p * keep
+    qt, kt, vt = _read_qkv(q, kv, t, i)
+    qs = _scaled(qt)
+    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)[:, None, None, :]
+    lt, dt = _read(lse, t, i, 1)[..., None], _read(delta, t, i, 1)[..., None]
+    dot = _head_major(_read(do, t, i, 2))
+    logits = jnp.einsum("chqd,chkd->chqk", qs, kt, preferred_element_type=f32)
+    p = jnp.where(mt, jnp.exp(logits - lt), 0.0)
+    pd = _dropped(p, seed, t, i, h, rate)
     dv = jnp.einsum("chqk,chqd->chkd", pd.astype(dot.dtype), dot, preferred_element_type=f32)
     dp = jnp.einsum("chqd,chkd->chqk", dot, vt, preferred_element_type=f32)
-    if keep is not None:
-      dp = dp * keep
-    # rowsum(P * dP) = rowsum(dO * O), also with dropout: a [c, hg, Q] vector from the small
-    # [Q, D] tiles rather than a reduction over the [Q, K] probabilities.
-    delta = (dot.astype(f32) * ot.astype(f32)) @ jnp.ones((d,), f32)
-    ds = (p * (dp - delta[..., None]) * scale).astype(kt.dtype)
-    dq = jnp.einsum("chqk,chkd->chqd", ds, kt, preferred_element_type=f32)
-    dk = jnp.einsum("chqk,chqd->chkd", ds, qt, preferred_element_type=f32)
-    dq, dk, dv = (jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))
+    # d logits = P * (dPd * keep / (1 - rate) - delta) = Pd * dPd - P * delta: the dropout mask
+    # enters only through Pd, so it is hashed once per tile.
+    ds = (pd * dp - p * dt).astype(kt.dtype)
+    dq = _scaled(jnp.einsum("chqk,chkd->chqd", ds, kt, preferred_element_type=f32))
+    dk = jnp.einsum("chqk,chqd->chkd", ds, qs, preferred_element_type=f32)
     if q is None:
-      return dq_buf, _write(dkv_buf, jnp.stack([dq, dk, dv], axis=2), t, i, 3)
-    return _write(dq_buf, dq, t, i, 2), _write(dkv_buf, jnp.stack([dk, dv], axis=2), t, i, 3)
+      return dq_buf, _write(dkv_buf, _seq_major(jnp.stack([dq, dk, dv], 1)), t, i, 3)
+    return (_write(dq_buf, _seq_major(dq), t, i, 2),
+            _write(dkv_buf, _seq_major(jnp.stack([dk, dv], 1)), t, i, 3))
 
   init = (None if q is None else jnp.zeros_like(q), jnp.zeros_like(kv))
-  n_tiles = (b // t.cells) * t.n_head_groups
-  dq, dkv = jax.lax.fori_loop(0, n_tiles, body, init)
+  dq, dkv = jax.lax.fori_loop(0, t.count(b), body, init)
   return dq, dkv, None, None
 
 
