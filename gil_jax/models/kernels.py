@@ -99,7 +99,10 @@ def _matmul_bwd(res, dy):
   x, w = res
   f32 = jnp.float32
   dx = jnp.matmul(dy, w.T, preferred_element_type=f32).astype(x.dtype)
-  dw = jnp.matmul(x.T, dy, preferred_element_type=f32).astype(w.dtype)  # [K, M] @ [M, N]
+  if w.shape[1] == 1:  # a single output (value heads): a GEMV, without transposing x
+    dw = jnp.matmul(dy[:, 0], x, preferred_element_type=f32)[:, None].astype(w.dtype)
+  else:
+    dw = jnp.matmul(x.T, dy, preferred_element_type=f32).astype(w.dtype)  # [K, M] @ [M, N]
   return dx, dw
 
 
