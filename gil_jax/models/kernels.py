@@ -299,30 +299,48 @@ def _attention_bwd(rate, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _prepare(key_mask, b, nk, dropout_rate, seed):
+def _plain_attention(q, k, v, m, seed, rate):
+  """Whole-batch attention left to autodiff (stores the probabilities): faster on CPU when the
+  batch's [B, H, Q, K] logits fit in one tile. Same math and dropout mask as the tiled kernel."""
+  b, nq, h, d = q.shape
+  logits = jnp.einsum("bqhd,bkhd->bhqk", _scaled(q), k, preferred_element_type=jnp.float32)
+  logits = jnp.where(m[:, None, None, :], logits, -jnp.inf)
+  mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(logits - jnp.where(jnp.isfinite(mx), mx, 0.0))
+  p = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)   # all-masked rows: p = 0
+  p = _dropped(p, seed, _Tiling(b, h, 1), 0, h, rate)
+  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def _dispatch(q, kv, key_mask, dropout_rate, seed):
+  b, nk, _, h, _ = kv.shape
+  nq = nk if q is None else q.shape[1]
   rate = float(dropout_rate) if seed is not None else 0.0
   if seed is None:
     seed = jnp.zeros((2,), jnp.uint32)
   if key_mask is None:
     key_mask = jnp.ones((b, nk), bool)
-  return key_mask, rate, seed
+  if jax.default_backend() == "cpu" and b * h * nq * nk <= TILE_ELEMENTS:
+    qt = kv[:, :, 0] if q is None else q
+    return _plain_attention(qt, kv[:, :, -2], kv[:, :, -1], key_mask, seed, rate)
+  return _attention(q, kv, key_mask, seed, rate)
 
 
 def self_attention(qkv: jax.Array, key_mask: jax.Array | None, dropout_rate: float = 0.0,
                    seed: jax.Array | None = None) -> jax.Array:
   """Softmax self-attention of packed projections qkv [B, S, 3, H, D] (q, k, v on axis 2),
   key_mask bool [B, S] or None -> [B, S, H, D]. Dropout on the probabilities when ``seed``
-  (``seed_words``) is given. The gradient comes back packed like ``qkv``."""
-  key_mask, rate, seed = _prepare(key_mask, qkv.shape[0], qkv.shape[1], dropout_rate, seed)
-  return _attention(None, qkv, key_mask, seed, rate)
+  (``seed_words``) is given. The gradient comes back packed like ``qkv``. On CPU, batches whose
+  logits fit in one tile skip the tiled kernel (plain autodiff is faster there)."""
+  return _dispatch(None, qkv, key_mask, dropout_rate, seed)
 
 
 def cross_attention(q: jax.Array, kv: jax.Array, key_mask: jax.Array | None,
                     dropout_rate: float = 0.0, seed: jax.Array | None = None) -> jax.Array:
   """Softmax attention of q [B, Q, H, D] over packed kv [B, K, 2, H, D] (k, v on axis 2),
   key_mask bool [B, K] or None -> [B, Q, H, D]; dropout as in ``self_attention``."""
-  key_mask, rate, seed = _prepare(key_mask, kv.shape[0], kv.shape[1], dropout_rate, seed)
-  return _attention(q, kv, key_mask, seed, rate)
+  return _dispatch(q, kv, key_mask, dropout_rate, seed)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
