@@ -7,7 +7,8 @@ The batch is what training sees: every one of the `--seq-len` genes real (no pad
 hidden, dropout on (the model config's rate), the full optimizer update over a `--capacity`-row
 gene table. Prints JSON: cells_per_s, step_s (best of --reps), compile_s, model_flops_per_step
 (analytic matmul FLOPs, forward x 3), achieved FLOP/s, fraction of the matmul peak this script
-measures on this machine, and peak memory.
+measures on this machine, peak memory, and the page faults of one step (with and without huge
+pages: `GIL_JAX_HUGE_PAGES=0` opts out, see gil_jax/hostenv.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import best_time, device_peak_bytes, emit, matmul_peak, peak_rss_bytes  # noqa: E402 (first: it may re-exec)
+from common import (best_time, device_peak_bytes, emit, matmul_peak, minor_faults,  # noqa: E402
+                    peak_rss_bytes)  # first import: it may re-exec (gil_jax/hostenv.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gil_jax import parallel  # noqa: E402
+from gil_jax import hostenv, parallel  # noqa: E402
 from gil_jax.batch import Batch  # noqa: E402
 from gil_jax.config_base import base_config  # noqa: E402
 from gil_jax.losses import objectives, registry  # noqa: E402
@@ -120,6 +122,9 @@ def run(args) -> dict:
     jax.block_until_ready(m["loss"])
 
   step_s = best_time(one, args.reps, warmup=1)
+  faults = minor_faults()
+  one()
+  faults = minor_faults() - faults
   flops = 3.0 * model_flops_forward(c.model, args.batch, args.seq_len)
   peak = max(matmul_peak(n, jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
                          reps=args.reps) for n in (1024, 2048)) if args.peak else None
@@ -135,6 +140,7 @@ def run(args) -> dict:
       "matmul_peak_flops_per_s": round(peak, 1) if peak else None,
       "fraction_of_peak": round(flops / step_s / peak, 4) if peak else None,
       "peak_host_rss_bytes": peak_rss_bytes(), "peak_device_bytes": device_peak_bytes(),
+      "page_faults_per_step": faults, "huge_pages": hostenv.huge_pages_active(),
       "loss": float(jax.device_get(compiled(box[0], inputs)[1]["loss"])),
   }
   return out

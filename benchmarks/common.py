@@ -49,6 +49,11 @@ def matmul_peak(n: int = 1024, dtype=jnp.float32, reps: int = 10, chain: int = 8
   return 2.0 * n ** 3 * chain / t
 
 
+def minor_faults() -> int:
+  """Minor page faults of this process so far (fresh memory touched for the first time)."""
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def peak_rss_bytes() -> int:
   """Peak resident memory of this process (host; CPU backend buffers live here)."""
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
