@@ -16,8 +16,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 # Config fields that do not change what is computed; a resumed run may change them.
+# data.lazy: lazy and in-memory reading give the same cells, values and plans.
 NON_SEMANTIC_FIELDS = ("train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                       "data.data_dir", "mesh.data", "mesh.model", "eval.batch_size")
+                       "data.data_dir", "data.lazy", "mesh.data", "mesh.model", "eval.batch_size")
 
 
 class WorkdirMismatchError(ValueError):

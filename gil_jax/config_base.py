@@ -38,6 +38,9 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.data.gene_column = ""           # '' = var_names
   c.data.label_column = ""
   c.data.batch_column = ""
+  # Read the one .h5ad file row by row from disk instead of into memory (files larger than RAM;
+  # X / the layer must be CSR); same results as eager reading (gil_jax/data/pipeline.py).
+  c.data.lazy = False
   c.data.sim = ml_collections.ConfigDict(dict(
       n_cells=6000, n_genes=600, n_cell_types=6, n_modules=30, n_batches=2, n_datasets=1,
       panel_fraction=1.0, seed=0))

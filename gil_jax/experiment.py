@@ -7,7 +7,7 @@ import os
 import ml_collections
 import numpy as np
 
-from gil_jax.data import anndata_io, downstream, simulate, stages
+from gil_jax.data import anndata_io, downstream, pipeline, simulate, stages
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
 
@@ -25,6 +25,10 @@ def resolve_path(name: str, data_dir: str) -> str:
 def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
   """The experiment's cells: the embedded simulator or `.h5ad` files (see config.data)."""
   d = config.data
+  if d.lazy and d.source != "h5ad":
+    raise DataError(f"config.data.lazy=True reads an .h5ad file from disk, but "
+                    f"config.data.source={d.source!r}; set --config.data.source=h5ad "
+                    "--config.data.files=FILE.h5ad, or --config.data.lazy=False.")
   if d.source == "synthetic":
     return simulate.simulate_cell_data(simulate.SimConfig(**d.sim.to_dict()))
   if d.source != "h5ad":
@@ -33,14 +37,39 @@ def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
   if not files:
     raise DataError("config.data.source='h5ad' needs config.data.files (comma-separated .h5ad "
                     "names under config.data.data_dir, or paths)")
-  if not os.path.isdir(d.data_dir) and not all(os.path.isabs(f) for f in files):
+  if d.lazy and len(files) != 1:
+    raise DataError(f"config.data.lazy=True reads exactly one .h5ad file, got {len(files)} "
+                    f"({', '.join(files)}); merge them into one file first (e.g. "
+                    "`anndata.concat([...], join='outer').write_h5ad(path)`, or "
+                    "`anndata_io.concat(...).to_anndata()` to keep per-dataset gene panels), or "
+                    "read them into memory with --config.data.lazy=False.")
+  if not os.path.isdir(d.data_dir) and not all(os.path.isabs(f) or os.path.exists(f)
+                                                for f in files):
     raise DataError(f"data directory {d.data_dir!r} does not exist; pass "
                     "--config.data.data_dir=/path/to/shared/data")
   require_counts = config.train.likelihood in ("poisson", "nb")
+  if d.lazy:
+    return _load_lazy(config, files, require_counts)
   datas = [anndata_io.read_h5ad(resolve_path(f, d.data_dir), layer=d.layer or None,
                                 gene_column=d.gene_column or None,
                                 require_counts=require_counts) for f in files]
   return datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(files))
+
+
+def obs_columns_used(config: ml_collections.ConfigDict) -> list[str]:
+  """The obs columns the config names (a lazy read loads only these)."""
+  cols = [config.stages.obs_column, config.data.label_column, config.data.batch_column]
+  return list(dict.fromkeys(c for c in cols if c))
+
+
+def _load_lazy(config: ml_collections.ConfigDict, files: list[str],
+               require_counts: bool) -> anndata_io.CellData:
+  """The one file of config.data.files, read row by row from disk (pipeline.open_lazy_h5ad)."""
+  d = config.data
+  return pipeline.open_lazy_h5ad(resolve_path(files[0], d.data_dir), layer=d.layer or None,
+                                 gene_column=d.gene_column or None,
+                                 require_counts=require_counts,
+                                 obs_columns=obs_columns_used(config))
 
 
 def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> stages.StagePlan:
@@ -75,7 +104,7 @@ def expressed_plan(config: ml_collections.ConfigDict,
   stage's T_k are high-expression genes; B is the (1 - base_fraction) least expressed rest.
   """
   s = config.stages
-  mean = np.asarray(data.X.mean(axis=0)).ravel() / max(float(data.size_factors.mean()), 1e-8)
+  mean = anndata_io.gene_means(data) / max(float(data.size_factors.mean()), 1e-8)
   order = np.argsort(-mean, kind="stable")
   n_specific = data.n_genes - int(round(s.base_fraction * data.n_genes))
   if n_specific < s.n_stages:

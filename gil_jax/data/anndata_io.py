@@ -137,31 +137,59 @@ def _gene_ids(adata: ad.AnnData, gene_column: str | None, source: str) -> np.nda
                       "(None = use var_names).")
     genes = np.asarray(adata.var[gene_column].astype(str), dtype=object)
     where = f"var[{gene_column!r}]"
+  check_unique_genes(genes, source, where)
+  return genes.astype(str)
+
+
+def check_unique_genes(genes: np.ndarray, source: str, where: str) -> None:
+  """Raises DataError naming (some of) the duplicate gene ids of `where` (e.g. 'var_names')."""
   dup = pd.Index(genes)
   dup = dup[dup.duplicated()].unique()
   if len(dup):
     raise DataError(f"{source}: {len(dup)} duplicate gene ids in {where}, e.g. "
                     f"{list(dup[:5])}. Make them unique (`adata.var_names_make_unique()`) or set "
                     "`config.data.gene_column` to a column with unique ids (e.g. Ensembl ids).")
-  return genes.astype(str)
 
 
-def _check_values(m: sp.csr_matrix, require_counts: bool, source: str, what: str) -> bool:
-  v = m.data
-  if not np.all(np.isfinite(v)):
-    n = int(np.sum(~np.isfinite(v)))
-    raise DataError(f"{source}: {what} has {n} NaN/inf values; clean or impute them (e.g. "
-                    "`np.nan_to_num`) before training.")
-  if v.size and v.min() < 0:
-    raise DataError(f"{source}: {what} has {int(np.sum(v < 0))} negative values (min "
-                    f"{float(v.min()):g}); expression must be raw counts or non-negative "
+@dataclasses.dataclass
+class ValueStats:
+  """What `check_value_stats` needs to know about a matrix's stored values."""
+  n_nonfinite: int = 0
+  n_negative: int = 0
+  min_value: float = 0.0
+  is_counts: bool = True     # every value is an integer
+
+  @classmethod
+  def of(cls, v: np.ndarray) -> "ValueStats":
+    finite = np.isfinite(v)
+    if not finite.all():
+      return cls(n_nonfinite=int(np.sum(~finite)))
+    return cls(n_negative=int(np.sum(v < 0)), min_value=float(v.min()) if v.size else 0.0,
+               is_counts=bool(np.all(v == np.round(v))))
+
+  def merge(self, o: "ValueStats") -> "ValueStats":
+    return ValueStats(self.n_nonfinite + o.n_nonfinite, self.n_negative + o.n_negative,
+                      min(self.min_value, o.min_value), self.is_counts and o.is_counts)
+
+
+def check_value_stats(st: ValueStats, require_counts: bool, source: str, what: str) -> bool:
+  """Raises DataError for NaN/inf or negative values (or non-counts when required); is_counts."""
+  if st.n_nonfinite:
+    raise DataError(f"{source}: {what} has {st.n_nonfinite} NaN/inf values; clean or impute them "
+                    "(e.g. `np.nan_to_num`) before training.")
+  if st.n_negative:
+    raise DataError(f"{source}: {what} has {st.n_negative} negative values (min "
+                    f"{st.min_value:g}); expression must be raw counts or non-negative "
                     "normalised values. Use another layer (`config.data.layer`), not scaled data.")
-  is_counts = bool(np.all(v == np.round(v)))
-  if require_counts and not is_counts:
+  if require_counts and not st.is_counts:
     raise DataError(f"{source}: {what} holds non-integer values but a count likelihood "
                     "(Poisson / negative binomial) needs raw counts. Point `config.data.layer` at "
                     "the raw-counts layer, or set `config.train.likelihood='mse'`.")
-  return is_counts
+  return st.is_counts
+
+
+def _check_values(m: sp.csr_matrix, require_counts: bool, source: str, what: str) -> bool:
+  return check_value_stats(ValueStats.of(m.data), require_counts, source, what)
 
 
 def _panel_from_metadata(adata: ad.AnnData, n_genes: int) -> tuple[np.ndarray, list[str]] | None:
@@ -279,6 +307,24 @@ def concat(datas: Sequence[CellData], name: str) -> CellData:
       panel=np.concatenate(panels, 0), dataset_index=np.concatenate(dsi).astype(np.int32),
       dataset_names=names, is_counts=all(d.is_counts for d in datas),
       size_factors=np.concatenate([d.size_factors for d in datas]).astype(np.float32))
+
+
+def gene_means(data: CellData) -> np.ndarray:
+  """float32[genes]: each gene's mean raw value over all cells (unmeasured = 0).
+
+  Works for an in-memory X (scipy) and a lazy one (`pipeline.LazyCSRRows.col_means`, streaming,
+  same float32 arithmetic as scipy's `X.mean(axis=0)`, so plans built from it agree exactly).
+  """
+  if sp.issparse(data.X):
+    return np.asarray(data.X.mean(axis=0)).ravel()
+  return data.X.col_means()
+
+
+def gene_nnz(data: CellData) -> np.ndarray:
+  """int64[genes]: number of cells with a non-zero value of each gene (in-memory or lazy X)."""
+  if sp.issparse(data.X):
+    return np.asarray((data.X != 0).sum(axis=0), np.int64).ravel()
+  return data.X.col_nnz()
 
 
 def describe(data: CellData) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def shared_genes(pretrain: CellData, ds: CellData, require_expressed: bool = Tru
   """Genes of `ds` the pre-training data measured (and, optionally, expressed in some cell)."""
   pool = pretrain.gene_ids
   if require_expressed:
-    pool = pool[np.asarray((pretrain.X != 0).sum(axis=0)).ravel() > 0]
+    pool = pool[anndata_io.gene_nnz(pretrain) > 0]
   pool_set = set(pool)
   return [g for g in ds.gene_ids if g in pool_set]
 
