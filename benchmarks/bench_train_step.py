@@ -121,7 +121,7 @@ def run(args) -> dict:
     box[0], m = compiled(box[0], inputs)
     jax.block_until_ready(m["loss"])
 
-  step_s = best_time(one, args.reps, warmup=1)
+  step_s = best_time(one, args.reps, warmup=1, min_time=args.min_time)
   faults = minor_faults()
   one()
   faults = minor_faults() - faults
@@ -165,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh-data", dest="mesh_data", type=int, default=-1)
   p.add_argument("--mesh-model", dest="mesh_model", type=int, default=1)
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--min-time", dest="min_time", type=float, default=0.0,
+                 help="keep timing steps until this many seconds (best step is kept)")
   p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak")
   p.add_argument("--json", action="store_true")
   return p

@@ -18,12 +18,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
-def best_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-  """Best wall time (s) of `reps` calls of fn (which must block on its result)."""
+def best_time(fn: Callable[[], object], reps: int, warmup: int = 1,
+              min_time: float = 0.0, max_reps: int = 200) -> float:
+  """Best wall time (s) of at least `reps` calls of fn (which must block on its result), and
+  more (up to `max_reps`) until `min_time` seconds were timed: short steps get enough
+  repetitions to find a quiet moment on a shared machine."""
   for _ in range(warmup):
     fn()
   times = []
-  for _ in range(reps):
+  while len(times) < reps or (sum(times) < min_time and len(times) < max_reps):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)

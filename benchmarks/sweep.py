@@ -40,8 +40,8 @@ def bench_point(model: str, seq_len: int, batch: int, devices: int, reps: int, c
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   env.setdefault("JAX_PLATFORMS", "cpu")
   cmd = [sys.executable, BENCH, "--model", model, "--seq-len", str(seq_len), "--batch",
-         str(batch), "--reps", str(reps), "--capacity", str(capacity), "--no-peak", "--json",
-         *extra]
+         str(batch), "--reps", str(reps), "--min-time", "2", "--capacity", str(capacity),
+         "--no-peak", "--json", *extra]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   if proc.returncode != 0:
     return {"model": model, "seq_len": seq_len, "batch": batch, "devices": devices,
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--devices-model", dest="devices_model", default="exceiver")
   p.add_argument("--devices-genes", dest="devices_genes", type=int, default=512)
   p.add_argument("--devices-batch", dest="devices_batch", type=int, default=16)
-  p.add_argument("--reps", type=int, default=2, help="timed steps per point (best is kept)")
+  p.add_argument("--reps", type=int, default=2,
+                 help="timed steps per point, at least (more until 2 s are timed; best is kept)")
   p.add_argument("--capacity", type=int, default=4096, help="gene-table rows (> max genes)")
   p.add_argument("--timeout", type=int, default=300, help="seconds per point")
   args = p.parse_args(argv)
