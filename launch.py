@@ -13,11 +13,16 @@ from gil_jax import hostenv
 
 hostenv.use_huge_pages()  # re-executes once, before any buffer is allocated (see hostenv.py)
 
+import sys  # noqa: E402
+
 from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from gil_jax import distributed  # noqa: E402
+from gil_jax.checkpoint import WorkdirMismatchError  # noqa: E402
+from gil_jax.data.anndata_io import DataError  # noqa: E402
+from gil_jax.data.vocab import VocabularyError  # noqa: E402
 from gil_jax.train import loop  # noqa: E402
 from gil_jax.eval import report  # noqa: E402
 
@@ -40,7 +45,11 @@ def main(argv):
   # before anything touches a device: jax.distributed must be initialised first
   distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
-  results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (DataError, VocabularyError, WorkdirMismatchError) as e:  # bad input: say what, no trace
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   if jax.process_index() != 0:
     return
   print()

@@ -156,6 +156,17 @@ def test_launch_rejects_unknown_config_field(tmp_path):
   assert "no_such_field" in proc.stderr
 
 
+def test_launch_reports_bad_input_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "launch.py", "--config", "configs/gil_synthetic.py",
+       "--config.data.source=h5ad", f"--config.data.files={tmp_path / 'missing.h5ad'}",
+       "--workdir", str(tmp_path / "w")],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: ") and "missing.h5ad" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("model", ["exceiver", "transformer"])
 def test_tokens_of_inactive_genes_do_not_change_outputs(model):
   from gil_jax.losses import objectives
