@@ -38,7 +38,7 @@ from gil_jax.train.step import make_train_step  # noqa: E402
 
 def model_flops_forward(mc, b: int, n: int) -> float:
   """Analytic matmul FLOPs of one forward pass (2 per multiply-add; gathers and norms ignored)."""
-  d, h = mc.d_model, mc.n_heads
+  d = mc.d_model
   if mc.name == "transformer":
     s, f = n + 1, mc.ffn_dim
     layer = s * (8 * d * d + 4 * d * f) + 4 * s * s * d       # qkv+out, ffn, QK^T and PV

@@ -82,6 +82,19 @@ def _fail_missing_file(path: str) -> None:
   raise DataError(f"h5ad file not found: {path!r}{hint}.")
 
 
+def expressing_cells(totals: np.ndarray, source: str, what: str) -> np.ndarray:
+  """bool mask of cells whose total expression is > 0 (the others are dropped, with a log
+  line); DataError when no cell is left."""
+  keep = totals > 0
+  if not keep.all():
+    log.info("%s: dropped %d of %d cells whose total expression is 0", source,
+             int((~keep).sum()), len(keep))
+    if not keep.any():
+      raise DataError(f"{source}: every cell has total expression 0 in {what}; the matrix is "
+                      "empty. Check `config.data.layer` and the file.")
+  return keep
+
+
 def read_h5ad(path: str | os.PathLike, *, layer: str | None = None, gene_column: str | None = None,
               name: str | None = None, require_counts: bool = False,
               obs_columns: Sequence[str] | None = None) -> CellData:
@@ -252,13 +265,8 @@ def from_anndata(adata: ad.AnnData, *, layer: str | None = None, gene_column: st
     obs = obs[list(obs_columns)].copy()
 
   totals = np.asarray(m.sum(axis=1)).ravel()
-  keep = totals > 0
+  keep = expressing_cells(totals, source, what)
   if not keep.all():
-    log.info("%s: dropped %d of %d cells whose total expression is 0", source,
-             int((~keep).sum()), len(keep))
-    if not keep.any():
-      raise DataError(f"{source}: every cell has total expression 0 in {what}; the matrix is "
-                      "empty. Check `config.data.layer` and the file.")
     idx = np.flatnonzero(keep)
     m, obs, dataset_index, totals = m[idx], obs.iloc[idx], dataset_index[idx], totals[idx]
   obs = obs.copy()

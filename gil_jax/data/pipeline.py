@@ -36,7 +36,7 @@ from anndata.io import read_elem
 
 from gil_jax.data.anndata_io import (_DATASET_NAMES_KEY, _PANEL_KEY, MIN_SIZE_FACTOR, CellData,
                                      DataError, ValueStats, _fail_missing_file,
-                                     check_unique_genes, check_value_stats)
+                                     check_unique_genes, check_value_stats, expressing_cells)
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +307,8 @@ def _lazy_cell_data(X: LazyCSRRows, name: str, source: str, what: str, gene_colu
   scan = X.scan()
   is_counts = check_value_stats(scan.stats, require_counts, source, what)
   totals = scan.row_sums
-  keep = totals > 0
+  keep = expressing_cells(totals, source, what)
   if not keep.all():
-    log.info("%s: dropped %d of %d cells whose total expression is 0", source,
-             int((~keep).sum()), len(keep))
-    if not keep.any():
-      raise DataError(f"{source}: every cell has total expression 0 in {what}; the matrix is "
-                      "empty. Check `config.data.layer` and the file.")
     X.select(keep)
     X._col_nnz = scan.col_nnz  # the dropped rows hold zeros only (values are >= 0)
     obs, dataset_index, totals = obs.iloc[np.flatnonzero(keep)], dataset_index[keep], totals[keep]
