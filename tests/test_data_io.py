@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from gil_jax.data.anndata_io import CellData, DataError, concat, from_anndata, read_h5ad
+from gil_jax.data.anndata_io import DataError, concat, from_anndata, read_h5ad
 
 
 def _adata(X, genes=None, **obs):
