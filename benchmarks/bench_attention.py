@@ -3,8 +3,8 @@
   python benchmarks/bench_attention.py --json                      # paper transformer layer
   python benchmarks/bench_attention.py --batch 8 --heads 4 --head-dim 16 --q 32 --k 2048 --json
 
-Self-attention when --q is omitted (packed qkv, as the transformer calls it), else
-cross-attention of --q queries over --k keys (the Exceiver's encoder / decoder shapes). Dropout
+Self-attention when --q is omitted (packed qkv, as the transformer calls it),
+else cross-attention of --q queries over --k keys (the Exceiver's encoder / decoder shapes). Dropout
 on the probabilities at --dropout. `kernel` is `kernels.self_attention` / `cross_attention` with
 the tiled path forced (tiles of at most --tile logits, default ``TILE_ELEMENTS``), `plain` the same math as one einsum +
 softmax graph differentiated by JAX (what a straightforward Flax implementation does), `auto`
@@ -64,7 +64,7 @@ def run(args) -> dict:
          "tile_elements": tile, "backend": jax.default_backend()}
   for name, (f, tile_elements) in variants.items():
     kernels.TILE_ELEMENTS = tile_elements
-    fwd = jax.jit(f)
+    fwd = jax.jit(lambda q, kv, f=f: f(q, kv))  # a new function: no trace reused across tiles
     grad = jax.jit(jax.grad(lambda q, kv, f=f: jnp.sum(f(q, kv) * w), argnums=(0, 1)))
     t_f = best_time(lambda: jax.block_until_ready(fwd(q, kv)), args.reps)
     t_g = best_time(lambda: jax.block_until_ready(grad(q, kv)), args.reps)

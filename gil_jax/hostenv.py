@@ -7,7 +7,7 @@ is faulted in and zeroed again on every step (~610k page faults and ~0.85 s of k
 step measured on the 2-core CI machine). With glibc's ``glibc.malloc.hugetlb=1`` tunable those
 mappings are advised as transparent huge pages (2 MiB): ~3k faults per step. The tunable is read
 once at process start, so entry points call ``use_huge_pages`` first, which re-executes the same
-command line with it set. Set ``GIL_JAX_HUGE_PAGES=0`` to opt out.
+command line with it set (glibc >= 2.35). Set ``GIL_JAX_HUGE_PAGES=0`` to opt out.
 """
 
 from __future__ import annotations
@@ -18,31 +18,47 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "GIL_JAX_HUGE_PAGES"
+REEXECED = "GIL_JAX_REEXECED"     # set in the re-executed process: never re-execute twice
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _tunables() -> list[str]:
+  return [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
 def huge_pages_active() -> bool:
   """True if this process runs with the huge-page malloc tunable."""
-  return TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+  return TUNABLE in _tunables()
 
 
 def _huge_pages_possible() -> bool:
-  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+  """Linux, glibc >= 2.35 (the tunable's first release), transparent huge pages not 'never'."""
+  if sys.platform != "linux":
     return False
+  libc, version = platform.libc_ver()
   try:
+    if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+      return False
     with open(THP_SETTING) as f:
       return "[never]" not in f.read()
-  except OSError:
+  except (OSError, ValueError):
     return False
 
 
 def use_huge_pages() -> None:
-  """Re-execute this process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (once; no-op when
-  already set, opted out, or not Linux/glibc with transparent huge pages available)."""
-  if huge_pages_active() or os.environ.get(OPT_OUT, "1") == "0" or not _huge_pages_possible():
+  """Re-execute this process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. A no-op when it is
+  already set (or the user set ``glibc.malloc.hugetlb`` themselves), after one re-execution,
+  when opted out (``GIL_JAX_HUGE_PAGES=0``), or where huge pages are not available."""
+  if (os.environ.get(OPT_OUT, "1").lower() in ("0", "false", "off", "no")
+      or os.environ.get(REEXECED) or not sys.executable
+      or any(t.startswith("glibc.malloc.hugetlb=") for t in _tunables())
+      or not _huge_pages_possible()):
     return
-  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
-  env = dict(os.environ, GLIBC_TUNABLES=":".join(tunables + [TUNABLE]))
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  env = dict(os.environ, GLIBC_TUNABLES=":".join(_tunables() + [TUNABLE]), **{REEXECED: "1"})
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:
+      stream.flush()
+  try:
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  except OSError:
+    return  # cannot re-execute (e.g. an embedded interpreter): run without huge pages

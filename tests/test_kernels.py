@@ -12,7 +12,7 @@ import pytest
 from gil_jax import hostenv
 from gil_jax.models import kernels
 
-B, S, H, D = 3, 9, 4, 8
+B, S, H, D = 4, 9, 4, 8
 
 
 def reference(q, k, v, mask, keep=None):
@@ -33,10 +33,18 @@ def reference_keep(seed, rate, nq, nk):
   return jnp.where(keep, 1.0 / (1.0 - rate), 0.0)
 
 
-@pytest.fixture(params=[1, S * S * 2, 1 << 30], ids=["1-head-tiles", "2-head-tiles", "one-tile"])
+TILINGS = {  # name: (TILE_ELEMENTS, force a single kernel tile as off CPU)
+    "1-head-tiles": (1, False), "2-head-tiles": (S * S * 2, False),
+    "2-cell-tiles": (2 * H * S * S, False), "one-kernel-tile": (1, True), "plain": (1 << 30, False)}
+
+
+@pytest.fixture(params=list(TILINGS))
 def tile_elements(request, monkeypatch):
-  monkeypatch.setattr(kernels, "TILE_ELEMENTS", request.param)
-  return request.param
+  elements, single_tile = TILINGS[request.param]
+  monkeypatch.setattr(kernels, "TILE_ELEMENTS", elements)
+  if single_tile:  # the GPU/TPU layout: the whole batch in one tile of the custom-vjp kernel
+    monkeypatch.setattr(kernels, "_tiling", lambda b, h, q, k: kernels._Tiling(b, h, 1))
+  return elements
 
 
 def inputs():
@@ -86,6 +94,35 @@ def test_attention_dropout_is_the_documented_mask_in_both_passes(tile_elements):
       qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask), atol=1e-5)
 
 
+def test_cross_attention_dropout_is_the_documented_mask(tile_elements):
+  qkv, mask, _ = inputs()
+  q, kv = jax.random.normal(jax.random.key(2), (B, 5, H, D)), qkv[:, :, 1:]
+  w = jax.random.normal(jax.random.key(3), (B, 5, H, D))
+  seed, rate = kernels.seed_words(jax.random.key(8)), 0.4
+  keep = reference_keep(seed, rate, 5, S)   # non-square [Q, K]: catches a transposed mask
+  ours = lambda q, kv: kernels.cross_attention(q, kv, mask, rate, seed)
+  ref = lambda q, kv: reference(q, kv[:, :, 0], kv[:, :, 1], mask, keep)
+  np.testing.assert_allclose(ours(q, kv), ref(q, kv), atol=1e-5)
+  g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1))(q, kv)
+  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1))(q, kv)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bfloat16_tiled_matches_plain(monkeypatch):
+  qkv, mask, w = inputs()
+  qkv, seed = qkv.astype(jnp.bfloat16), kernels.seed_words(jax.random.key(7))
+  loss = lambda x: jnp.sum(kernels.self_attention(x, mask, 0.2, seed).astype(jnp.float32) * w)
+  monkeypatch.setattr(kernels, "TILE_ELEMENTS", 1 << 30)
+  out_plain, g_plain = jax.value_and_grad(loss)(qkv)
+  monkeypatch.setattr(kernels, "TILE_ELEMENTS", 1)
+  out_tiled, g_tiled = jax.value_and_grad(loss)(qkv)
+  assert g_tiled.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out_tiled, out_plain, rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(g_tiled, np.float32), np.asarray(g_plain, np.float32),
+                             atol=3e-2)
+
+
 def test_keep_mask_rate_and_independence():
   seed = kernels.seed_words(jax.random.key(3))
   keep = kernels.keep_mask(seed, (512, 512), 0.15, jnp.arange(4, dtype=jnp.uint32)[:, None, None])
@@ -99,9 +136,10 @@ def test_keep_mask_rate_and_independence():
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1.0 / 0.75], rtol=1e-6)
 
 
-def test_dense_dot_general_matches_lax():
+@pytest.mark.parametrize("out", [6, 1])  # 1: the single-output (GEMV) backward
+def test_dense_dot_general_matches_lax(out):
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
-  w = jax.random.normal(jax.random.key(1), (3, 4, 6))
+  w = jax.random.normal(jax.random.key(1), (3, 4, out))
   dims = (((2, 3), (0, 1)), ((), ()))
   ours = lambda x, w: kernels.dense_dot_general(x, w, dims)
   ref = lambda x, w: jax.lax.dot_general(x, w, dims)
@@ -114,7 +152,8 @@ def test_dense_dot_general_matches_lax():
 def test_huge_pages_reexec():
   code = ("from gil_jax import hostenv; hostenv.use_huge_pages(); import os; "
           "print(os.environ.get('GLIBC_TUNABLES', ''))")
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT)}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT, hostenv.REEXECED)}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout.strip()
   assert (hostenv.TUNABLE in out.split(":")) == hostenv._huge_pages_possible()

@@ -92,7 +92,8 @@ class Dropout(nn.Module):
 
 class Attention(nn.Module):
   """Multi-head softmax attention with fused projections (one matmul for qkv, or q and one for
-  kv), the same math as ``jax.nn.dot_product_attention``'s XLA path (float32 logits and softmax).
+  kv): float32 logits and softmax as in ``jax.nn.dot_product_attention``'s XLA path, q
+  pre-scaled by 1/sqrt(D) in the compute dtype.
 
   Self-attention when ``kv`` is None. ``key_mask`` bool [B, K] (True = attend); a query with no
   valid key returns exactly 0. Dropout (``dropout_rate``) is applied to the attention

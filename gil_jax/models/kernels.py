@@ -8,10 +8,11 @@ Why (profiled on the 2-core CPU at the paper transformer's size, see benchmarks/
   (murmur3 ``fmix32`` twice, keyed by the 64 bits of a regular JAX key): ~1 ns per element,
   fused into the consumer, and re-derived in the backward pass instead of stored.
 * Attention logits of a whole batch ([B, H, Q, K]) do not fit in cache. On CPU a ``fori_loop``
-  walks tiles of one cell's heads (up to ``TILE_ELEMENTS`` logits, env ``GIL_ATTN_TILE``; all
-  8 heads of a 513-token cell), reading the packed projections ([B, S, 3, H, D] for
-  self-attention) and writing outputs in place: no [B*H, S, D] transposes before or after, and
-  the gradient comes back packed like its input. A ``custom_vjp`` saves only the output and the
+  walks tiles of up to ``TILE_ELEMENTS`` logits (env ``GIL_ATTN_TILE``): a group of one cell's
+  heads, or several whole cells when they fit (the paper size: all 8 heads of one 513-token
+  cell); a batch that fits one tile skips the loop for plain autodiff attention. Tiles are
+  read from the packed projections ([B, S, 3, H, D] for self-attention) and written in place:
+  no [B*H, S, D] transposes before or after, and the gradient comes back packed like its input. A ``custom_vjp`` saves only the output and the
   row log-sum-exp and recomputes the probabilities per tile in the backward pass (flash-attention
   style): 7 tile matmuls, no [B, H, Q, K] residuals. Off CPU the whole batch is one tile.
 * Inside a tile, XLA:CPU is sensitive to layout and fusion: a transposed-lhs matmul runs at about
@@ -29,8 +30,9 @@ Why (profiled on the 2-core CPU at the paper transformer's size, see benchmarks/
   gradient is ``x^T @ dy`` on the flat arrays (no transposed copy): backward ~6 ms. It is a
   drop-in ``dot_general`` for ``nn.Dense`` / ``nn.DenseGeneral`` (same params, same math).
 
-The math is the usual softmax attention with float32 logits and softmax, a boolean key mask
-(rows with no valid key give exactly 0), and inverted dropout on the probabilities.
+The math is the usual softmax attention with float32 logits (from q pre-scaled by 1/sqrt(D) in
+the compute dtype) and softmax, a boolean key mask (rows with no valid key give exactly 0), and
+inverted dropout on the probabilities.
 """
 
 from __future__ import annotations
@@ -212,6 +214,8 @@ def _dropped(p, seed, t: _Tiling, i, n_heads: int, rate: float, transposed: bool
   the same mask either way). Identity at rate 0."""
   if rate <= 0:
     return p
+  if rate >= 1:
+    return jnp.zeros_like(p)
   shape = p.shape[-2:][::-1] if transposed else p.shape[-2:]
   keep = keep_mask(seed, shape, rate, _plane_ids(t, i, n_heads), transposed)
   return jnp.where(keep, p * np.float32(1.0 / (1.0 - rate)), np.float32(0.0))
@@ -307,7 +311,8 @@ def _plain_attention(q, k, v, m, seed, rate):
   logits = jnp.where(m[:, None, None, :], logits, -jnp.inf)
   mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   e = jnp.exp(logits - jnp.where(jnp.isfinite(mx), mx, 0.0))
-  p = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)   # all-masked rows: p = 0
+  s = jnp.sum(e, axis=-1, keepdims=True)
+  p = e / jnp.where(s > 0, s, 1.0)                                   # all-masked rows: p = 0
   p = _dropped(p, seed, _Tiling(b, h, 1), 0, h, rate)
   return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
                     preferred_element_type=jnp.float32).astype(v.dtype)
