@@ -54,59 +54,53 @@ def inputs():
   return qkv, mask, weights
 
 
+def assert_matches(ours, ref, args, w):
+  """Same outputs, and same gradients of sum(out * w) w.r.t. every argument."""
+  np.testing.assert_allclose(ours(*args), ref(*args), atol=1e-5)
+  argnums = tuple(range(len(args)))
+  g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=argnums)(*args)
+  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=argnums)(*args)
+  for x, y in zip(g_ours, g_ref):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def cross_inputs():
+  """q [B, 5, H, D] over the kv of ``inputs()`` (a non-square [Q, K]), and output weights."""
+  qkv, mask, _ = inputs()
+  q = jax.random.normal(jax.random.key(2), (B, 5, H, D))
+  return q, qkv[:, :, 1:], mask, jax.random.normal(jax.random.key(3), (B, 5, H, D))
+
+
 def test_self_attention_matches_reference(tile_elements):
   qkv, mask, w = inputs()
   ours = lambda x: kernels.self_attention(x, mask)
-  ref = lambda x: reference(x[:, :, 0], x[:, :, 1], x[:, :, 2], mask)
-  np.testing.assert_allclose(ours(qkv), ref(qkv), atol=1e-5)
+  assert_matches(ours, lambda x: reference(x[:, :, 0], x[:, :, 1], x[:, :, 2], mask), (qkv,), w)
   assert not np.any(ours(qkv)[2])  # a cell without valid keys gives exactly 0
-  g_ours = jax.grad(lambda x: jnp.sum(ours(x) * w))(qkv)
-  g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(qkv)
-  np.testing.assert_allclose(g_ours, g_ref, atol=1e-5)
 
 
 def test_cross_attention_matches_reference(tile_elements):
-  qkv, mask, _ = inputs()
-  q = jax.random.normal(jax.random.key(2), (B, 5, H, D))
-  kv = qkv[:, :, 1:]
-  w = jax.random.normal(jax.random.key(3), (B, 5, H, D))
-  ours = lambda q, kv: kernels.cross_attention(q, kv, mask)
-  ref = lambda q, kv: reference(q, kv[:, :, 0], kv[:, :, 1], mask)
-  np.testing.assert_allclose(ours(q, kv), ref(q, kv), atol=1e-5)
-  g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1))(q, kv)
-  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1))(q, kv)
-  for a, b in zip(g_ours, g_ref):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  q, kv, mask, w = cross_inputs()
+  assert_matches(lambda q, kv: kernels.cross_attention(q, kv, mask),
+                 lambda q, kv: reference(q, kv[:, :, 0], kv[:, :, 1], mask), (q, kv), w)
 
 
 def test_attention_dropout_is_the_documented_mask_in_both_passes(tile_elements):
   qkv, mask, w = inputs()
   seed, rate = kernels.seed_words(jax.random.key(7)), 0.3
   keep = reference_keep(seed, rate, S, S)
-  ours = lambda x: kernels.self_attention(x, mask, rate, seed)
-  ref = lambda x: reference(x[:, :, 0], x[:, :, 1], x[:, :, 2], mask, keep)
-  np.testing.assert_allclose(ours(qkv), ref(qkv), atol=1e-5)
-  g_ours = jax.grad(lambda x: jnp.sum(ours(x) * w))(qkv)
-  g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(qkv)
-  np.testing.assert_allclose(g_ours, g_ref, atol=1e-5)
+  assert_matches(lambda x: kernels.self_attention(x, mask, rate, seed),
+                 lambda x: reference(x[:, :, 0], x[:, :, 1], x[:, :, 2], mask, keep), (qkv,), w)
   # no dropout without a seed, whatever the rate
   np.testing.assert_allclose(kernels.self_attention(qkv, mask, rate), reference(
       qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask), atol=1e-5)
 
 
 def test_cross_attention_dropout_is_the_documented_mask(tile_elements):
-  qkv, mask, _ = inputs()
-  q, kv = jax.random.normal(jax.random.key(2), (B, 5, H, D)), qkv[:, :, 1:]
-  w = jax.random.normal(jax.random.key(3), (B, 5, H, D))
+  q, kv, mask, w = cross_inputs()
   seed, rate = kernels.seed_words(jax.random.key(8)), 0.4
   keep = reference_keep(seed, rate, 5, S)   # non-square [Q, K]: catches a transposed mask
-  ours = lambda q, kv: kernels.cross_attention(q, kv, mask, rate, seed)
-  ref = lambda q, kv: reference(q, kv[:, :, 0], kv[:, :, 1], mask, keep)
-  np.testing.assert_allclose(ours(q, kv), ref(q, kv), atol=1e-5)
-  g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1))(q, kv)
-  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1))(q, kv)
-  for a, b in zip(g_ours, g_ref):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert_matches(lambda q, kv: kernels.cross_attention(q, kv, mask, rate, seed),
+                 lambda q, kv: reference(q, kv[:, :, 0], kv[:, :, 1], mask, keep), (q, kv), w)
 
 
 def test_bfloat16_tiled_matches_plain(monkeypatch):

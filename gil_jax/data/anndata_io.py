@@ -82,6 +82,17 @@ def _fail_missing_file(path: str) -> None:
   raise DataError(f"h5ad file not found: {path!r}{hint}.")
 
 
+def unreadable_file_error(path: str, e: Exception) -> DataError:
+  return DataError(f"cannot read h5ad file {path!r} ({type(e).__name__}: {e}). The file is "
+                   "corrupt or not an AnnData .h5ad file; re-create it, e.g. with "
+                   "`adata.write_h5ad(path)`.")
+
+
+def missing_layer_error(source: str, layer: str, layers: Sequence[str]) -> DataError:
+  return DataError(f"{source}: layer {layer!r} not found; available layers: "
+                   f"{sorted(layers) or 'none'}. Fix `config.data.layer` (None = use X).")
+
+
 def expressing_cells(totals: np.ndarray, source: str, what: str) -> np.ndarray:
   """bool mask of cells whose total expression is > 0 (the others are dropped, with a log
   line); DataError when no cell is left."""
@@ -105,9 +116,7 @@ def read_h5ad(path: str | os.PathLike, *, layer: str | None = None, gene_column:
   try:
     adata = ad.read_h5ad(path)
   except Exception as e:  # noqa: BLE001 -- any read failure means the file is unusable
-    raise DataError(f"cannot read h5ad file {path!r} ({type(e).__name__}: {e}). The file is "
-                    "corrupt or not an AnnData .h5ad file; re-create it, e.g. with "
-                    "`adata.write_h5ad(path)`.") from e
+    raise unreadable_file_error(path, e) from e
   if name is None:
     name = os.path.splitext(os.path.basename(path))[0]
   return from_anndata(adata, layer=layer, gene_column=gene_column, name=name,
@@ -122,9 +131,7 @@ def _matrix(adata: ad.AnnData, layer: str | None, source: str) -> sp.csr_matrix:
                       f"of the layers {sorted(adata.layers.keys())}.")
   else:
     if layer not in adata.layers:
-      raise DataError(f"{source}: layer {layer!r} not found; available layers: "
-                      f"{sorted(adata.layers.keys()) or 'none'}. Fix `config.data.layer` "
-                      "(None = use X).")
+      raise missing_layer_error(source, layer, list(adata.layers.keys()))
     m = adata.layers[layer]
   if sp.issparse(m):
     m = sp.csr_matrix(m, dtype=np.float32)

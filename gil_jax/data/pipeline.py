@@ -36,7 +36,8 @@ from anndata.io import read_elem
 
 from gil_jax.data.anndata_io import (_DATASET_NAMES_KEY, _PANEL_KEY, MIN_SIZE_FACTOR, CellData,
                                      DataError, ValueStats, _fail_missing_file,
-                                     check_unique_genes, check_value_stats, expressing_cells)
+                                     check_unique_genes, check_value_stats, expressing_cells,
+                                     missing_layer_error, unreadable_file_error)
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,13 @@ class LazyCSRRows:
     try:
       self._file = h5py.File(path, "r")
     except OSError as e:
-      raise DataError(f"cannot open h5ad file {path!r} ({e}). The file is corrupt or not an "
-                      "AnnData .h5ad file; re-create it, e.g. with `adata.write_h5ad(path)`.") from e
+      raise unreadable_file_error(path, e) from e
     g = self._file.get(key)
     if g is None:
       layers = sorted(self._file["layers"].keys()) if "layers" in self._file else []
       self._file.close()
       if key.startswith("layers/"):
-        raise DataError(f"{path}: layer {key[7:]!r} not found; available layers: "
-                        f"{layers or 'none'}. Fix `config.data.layer` (None = use X).")
+        raise missing_layer_error(path, key[7:], layers)
       raise DataError(f"{path}: has no {key}; set `config.data.layer` to one of the layers "
                       f"{layers}.")
     what = "X" if key == "X" else f"layer {key.removeprefix('layers/')!r}"

@@ -226,16 +226,26 @@ def _scaled(q):
   return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
 
 
-def _attn_fwd(q, kv, m, seed, rate):
+def _dims(q, kv):
+  """(B, Q, K, H, D) of a self- (q is None) or cross-attention call."""
   b, nk, _, h, d = kv.shape
-  nq = nk if q is None else q.shape[1]
+  return b, (nk if q is None else q.shape[1]), nk, h, d
+
+
+def _read_mask(m, t: _Tiling, i):
+  """The key mask rows [c, K] of tile ``i``."""
+  return jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)
+
+
+def _attn_fwd(q, kv, m, seed, rate):
+  b, nq, nk, h, d = _dims(q, kv)
   t = _tiling(b, h, nq, nk)
   f32 = jnp.float32
 
   def body(i, carry):
     o_buf, lse_buf = carry
     qt, kt, vt = _read_qkv(q, kv, t, i)
-    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)[:, None, None, :]
+    mt = _read_mask(m, t, i)[:, None, None, :]
     logits = jnp.einsum("chqd,chkd->chqk", _scaled(qt), kt, preferred_element_type=f32)
     logits = jnp.where(mt, logits, -jnp.inf)
     mx = jnp.max(logits, axis=-1, keepdims=True)
@@ -263,8 +273,7 @@ def _attention_fwd(q, kv, m, seed, rate):
 
 def _attention_bwd(rate, res, do):
   q, kv, m, seed, o, lse = res
-  b, nk, _, h, d = kv.shape
-  nq = nk if q is None else q.shape[1]
+  b, nq, nk, h, d = _dims(q, kv)
   t = _tiling(b, h, nq, nk)
   f32 = jnp.float32
   # rowsum(P * dP) = rowsum(dO * O), also with dropout: from the [B, Q, H, D] arrays instead of
@@ -275,7 +284,7 @@ def _attention_bwd(rate, res, do):
     dq_buf, dkv_buf = carry
     qt, kt, vt = _read_qkv(q, kv, t, i)
     qs = _scaled(qt)
-    mt = jax.lax.dynamic_slice_in_dim(m, t.origin(i)[0], t.cells, 0)[:, None, :, None]
+    mt = _read_mask(m, t, i)[:, None, :, None]
     lt, dt = _read(lse, t, i, 1)[..., None, :], _read(delta, t, i, 1)[..., None, :]
     dot = _head_major(_read(do, t, i, 2))
     # Transposed probabilities [K, Q]: then dv and dk are plain (NN) matmuls, which XLA:CPU runs
@@ -319,8 +328,7 @@ def _plain_attention(q, k, v, m, seed, rate):
 
 
 def _dispatch(q, kv, key_mask, dropout_rate, seed):
-  b, nk, _, h, _ = kv.shape
-  nq = nk if q is None else q.shape[1]
+  b, nq, nk, h, _ = _dims(q, kv)
   rate = float(dropout_rate) if seed is not None else 0.0
   if seed is None:
     seed = jnp.zeros((2,), jnp.uint32)
@@ -347,8 +355,3 @@ def cross_attention(q: jax.Array, kv: jax.Array, key_mask: jax.Array | None,
   key_mask bool [B, K] or None -> [B, Q, H, D]; dropout as in ``self_attention``."""
   return _dispatch(q, kv, key_mask, dropout_rate, seed)
 
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
-              dropout_rate: float = 0.0, seed: jax.Array | None = None) -> jax.Array:
-  """Softmax attention of separate q [B, Q, H, D], k/v [B, K, H, D] -> [B, Q, H, D]."""
-  return cross_attention(q, jnp.stack([k, v], axis=2), key_mask, dropout_rate, seed)
