@@ -15,9 +15,12 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from gil_jax import guards
+
 # Config fields that do not change what is computed; a resumed run may change them.
 # data.lazy: lazy and in-memory reading give the same cells, values and plans.
-NON_SEMANTIC_FIELDS = ("train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+NON_SEMANTIC_FIELDS = ("train.checkpoint_every", "train.checkpoint_minutes",
+                       "train.keep_checkpoints", "train.log_every",
                        "data.data_dir", "data.lazy", "mesh.data", "mesh.model", "eval.batch_size")
 
 
@@ -71,6 +74,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    meta = guards.finite_or_none(meta)  # strict JSON
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()

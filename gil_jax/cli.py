@@ -12,9 +12,26 @@ import sys
 
 
 def _train(args) -> int:
+  import os
+  from gil_jax import guards
   from gil_jax.canal import loop, report
-  config = _load_config(args.config, args.overrides)
-  results = loop.train_annotation(config, args.workdir, progress_bar=not args.quiet)
+  from gil_jax.canal.labels import LabelError
+  from gil_jax.canal.model import WorkdirError
+  from gil_jax.checkpoint import WorkdirMismatchError
+  from gil_jax.data.anndata_io import DataError
+  from gil_jax.data.vocab import VocabularyError
+  try:
+    config = _load_config(args.config, args.overrides)
+    results = loop.train_annotation(config, args.workdir, progress_bar=not args.quiet)
+  except guards.Interrupted as e:
+    print(e, file=sys.stderr)
+    return guards.EXIT_INTERRUPTED
+  except (guards.RunError, DataError, LabelError, VocabularyError, WorkdirError,
+          WorkdirMismatchError) as e:  # bad input: one line naming the problem and the fix
+    if os.environ.get("GIL_TRACEBACK"):
+      raise
+    print(f"gil-jax train: error: {guards.one_line(e)}", file=sys.stderr)
+    return guards.EXIT_ERROR
   print(report.console_summary(results))
   print(f"results: {args.workdir}/results.json, report: {args.workdir}/report.md")
   return 0
@@ -22,33 +39,8 @@ def _train(args) -> int:
 
 def _load_config(path: str, overrides: list[str]):
   """get_config() of a config file, with `--config.a.b=value` overrides (unknown fields fail)."""
-  import ast
-  import importlib.util
-  import os
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # so `from configs import x` works
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location("gil_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
-  config.lock()
-  for item in overrides:
-    if not item.startswith("--config.") or "=" not in item:
-      raise SystemExit(f"unexpected argument {item!r}; overrides look like --config.a.b=value")
-    key, value = item[len("--config."):].split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    if isinstance(old, str):
-      node[leaf] = value
-    elif isinstance(old, bool):
-      node[leaf] = value.lower() in ("1", "true", "yes")
-    else:
-      node[leaf] = type(old)(ast.literal_eval(value))
-  return config
+  from gil_jax import guards
+  return guards.load_config(path, overrides)
 
 
 def _annotate(args, embed_only: bool) -> int:
@@ -57,7 +49,8 @@ def _annotate(args, embed_only: bool) -> int:
                                    layer=args.layer, normalisation=args.normalisation,
                                    gene_column=args.gene_column,
                                    min_shared_genes=args.min_shared_genes,
-                                   novelty_rule=getattr(args, "novelty_rule", "run"))
+                                   novelty_rule=getattr(args, "novelty_rule", "run"),
+                                   overwrite=args.overwrite, allow_partial=args.allow_partial)
   for k, v in summary.items():
     print(f"{k}: {v}")
   return 0
@@ -79,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--input", required=True, help="query .h5ad (never modified)")
     p.add_argument("--output", required=True, help="output .h5ad (must differ from --input)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="use a workdir whose training stopped before its last stage "
+                        "(noted in the output's uns['gil'])")
     p.add_argument("--layer", default="", help="layer holding the values ('' = X)")
     p.add_argument("--gene-column", default="", help="var column with gene ids ('' = var_names)")
     p.add_argument("--normalisation", default="auto",
@@ -99,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognised arguments: {rest}")
   try:
     return _annotate(args, embed_only=args.command == "embed")
-  except (ValueError, FileNotFoundError) as e:
-    print(f"gil-jax {args.command}: error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:
+    import os
+    if os.environ.get("GIL_TRACEBACK"):
+      raise
+    from gil_jax import guards
+    print(f"gil-jax {args.command}: error: {guards.one_line(e)}", file=sys.stderr)
     return 2
 
 

@@ -90,6 +90,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.train.steps_per_stage = 0       # > 0 overrides epochs_per_stage
   c.train.reset_opt_state = True    # paper: Adam re-created at every stage
   c.train.checkpoint_every = 200    # steps; stage ends are always checkpointed
+  c.train.checkpoint_minutes = 10.0  # also checkpoint this often (wall clock; 0 = off)
   c.train.keep_checkpoints = 3
   c.train.log_every = 10
 

@@ -2,14 +2,18 @@
 
 The query's genes are mapped to the run's gene vocabulary: genes not in it are dropped (and
 counted), vocabulary genes absent from the query are "not measured" (never tokens). The input
-file is only read; results go to --output, which must be a different path. Novel cells: the
-run's rule (the validation-rule constants saved with the checkpoint, or CANAL's transductive
-mixup rule on the query set); novelty_rule='canal' forces CANAL's rule.
+file is only read; results go to --output, which must be a different file (also after resolving
+symbolic and hard links) and must not exist unless `overwrite`; it is written to a temporary
+file in the same folder and renamed, so a failed run leaves no half-written output. A workdir
+whose run has not finished every stage is refused unless `allow_partial` (then noted in `uns`).
+Novel cells: the run's rule (the validation-rule constants saved with the checkpoint, or CANAL's
+transductive mixup rule on the query set); novelty_rule='canal' forces CANAL's rule.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import anndata as ad
 import jax
@@ -61,14 +65,62 @@ def gene_mapping(query_genes, vocab: GeneVocab, active: np.ndarray, min_shared: 
   return rows, summary
 
 
+def check_output(input_path: str, output_path: str, overwrite: bool = False) -> None:
+  """QueryError when `output_path` is (a link to) the input, a folder, or exists without
+  `overwrite`; checked before any computation."""
+  same = QueryError(f"--output {output_path!r} is the input file {input_path!r} (the same file "
+                    "after resolving links); the input is never modified in place. Choose "
+                    "another output path.")
+  if os.path.realpath(input_path) == os.path.realpath(output_path):
+    raise same
+  if os.path.isdir(output_path):
+    raise QueryError(f"--output {output_path!r} is a folder; give a file path such as "
+                     f"{os.path.join(output_path, 'annotated.h5ad')!r}.")
+  if os.path.lexists(output_path):
+    if os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(
+        input_path, output_path):  # a hard link to the input
+      raise same
+    if not overwrite:
+      raise QueryError(f"--output {output_path!r} already exists; pass --overwrite to replace "
+                       "it, or choose another path.")
+  folder = os.path.dirname(os.path.abspath(output_path))
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise QueryError(f"--output {output_path!r}: {folder!r} is a file, not a folder.")
+
+
+def run_progress(meta: dict) -> tuple[int, int]:
+  """(finished stages, stages of the run) of a checkpoint's meta (annotation or GIL run)."""
+  done = int(meta.get("progress", {}).get("stage", -1)) + 1
+  if meta.get("kind") == "canal":
+    joint = meta.get("config", {}).get("canal", {}).get("mode") == "joint"
+    return done, 1 if joint else len(meta.get("stages", []))
+  return done, len(meta.get("plan", {}).get("stages", []))
+
+
+def write_atomic(adata: ad.AnnData, output_path: str) -> None:
+  """Writes to a temporary file in the output's folder, then renames it over `output_path` (a
+  symbolic link there is replaced, never followed)."""
+  folder = os.path.dirname(os.path.abspath(output_path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output_path)}.",
+                             suffix=".tmp")
+  os.close(fd)
+  try:
+    adata.write_h5ad(tmp)
+    os.replace(tmp, output_path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only: bool = False,
                   layer: str = "", normalisation: str = "auto", gene_column: str = "",
-                  min_shared_genes: int | None = None, novelty_rule: str = "run") -> dict:
-  if os.path.abspath(input_path) == os.path.abspath(output_path):
-    raise QueryError(f"--output {output_path!r} is the input file; the input is never modified "
-                     "in place. Choose another output path.")
+                  min_shared_genes: int | None = None, novelty_rule: str = "run",
+                  overwrite: bool = False, allow_partial: bool = False) -> dict:
   if novelty_rule not in ("run", "canal"):
     raise QueryError(f"--novelty-rule {novelty_rule!r}: use 'run' (the run's rule) or 'canal'.")
+  check_output(input_path, output_path, overwrite)
   if not os.path.isfile(input_path):
     raise QueryError(f"query file not found: {input_path!r}")
   state, meta = load_run(workdir)
@@ -76,8 +128,17 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
   if not embed_only and not is_canal:
     raise WorkdirError(f"workdir {workdir!r} is not an annotation run (no class head); use "
                        "`gil-jax embed`, or train with `gil-jax train --config configs/canal_*.py`.")
+  done, total = run_progress(meta)
+  partial = done < total
+  if partial and not allow_partial:
+    raise WorkdirError(f"workdir {workdir!r} finished only {done} of its {total} stages (the "
+                       "training run stopped early); resume it with the same training command, "
+                       "or pass --allow-partial to use the partly trained model.")
   config = ml_collections.ConfigDict(meta["config"])
-  adata = ad.read_h5ad(input_path)
+  try:
+    adata = ad.read_h5ad(input_path)
+  except Exception as e:  # noqa: BLE001 -- any read failure means the query is unusable
+    raise anndata_io.unreadable_file_error(input_path, e) from e
   data = anndata_io.from_anndata(adata.copy(), layer=layer or None,
                                  gene_column=gene_column or None, name="query")
   mat = adata.layers[layer] if layer else adata.X
@@ -142,9 +203,10 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
     summary.update(novelty_rule=calib["rule"] if calib else "canal",
                    novelty_threshold=round(float(nov.threshold), 4),
                    unassigned=int(np.sum(cell_type == UNASSIGNED)))
+  if partial:
+    summary["partial_model"] = f"trained {done} of {total} stages (--allow-partial)"
   result.uns["gil"] = {"workdir": os.path.abspath(workdir), **{k: v for k, v in summary.items()}}
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  result.write_h5ad(output_path)
+  write_atomic(result, output_path)
   summary["output"] = output_path
   return summary
 

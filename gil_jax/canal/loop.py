@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gil_jax import checkpoint
+from gil_jax import checkpoint, guards
 from gil_jax.canal import bank as bank_lib
 from gil_jax.canal import loss as loss_lib  # registers canal_rkd / canal_lwf
 from gil_jax.canal import metrics, novelty, report
@@ -141,37 +141,49 @@ def _meta(config, stream, vocab, labels, results, progress, gil_init, calib=None
           "gil_init": gil_init, "novelty": calib, "results": results, "progress": progress}
 
 
-def _stage_batches(annot, cells, c2r, label_rows, k, n):
+def _stage_batches(annot, cells, c2r, label_rows, k, n, start: int = 0):
   return batching.stage_batches(annot.stream.data, cells, c2r, annot.spec, annot.config.seed, k,
-                                0, n, labels=label_rows)
+                                start, n, labels=label_rows)
 
 
 def train_annotation(config: ml_collections.ConfigDict, workdir: str,
                      progress_bar: bool = False) -> dict:
-  """Runs (or resumes) a continual annotation experiment; writes results.json and report.md."""
-  os.makedirs(workdir, exist_ok=True)
-  c = config.canal
-  mode_setup(config)
-  check_novelty_rule(config)
-  stream = build_stream(config)
-  gil_vocab, init_backbone, gil_init = None, None, None
-  if c.init_workdir:
-    init_backbone, gil_vocab, saved = load_gil_params(c.init_workdir)
-    with config.unlocked():
-      config.model = ml_collections.ConfigDict(saved["model"])
-      config.genes.capacity = int(gil_vocab.capacity)
-    known = set(gil_vocab.gene_ids)
-    n_known = sum(g in known for g in stream.data.gene_ids)
-    gil_init = {"workdir": os.path.abspath(c.init_workdir), "vocab_genes": len(gil_vocab),
-                "data_genes": int(stream.data.n_genes), "mapped_genes": int(n_known),
-                "dropped_genes": int(stream.data.n_genes - n_known)}
-    log.info("init from %s: %s", c.init_workdir, gil_init)
-  vocab, labels = build_vocabs(config, stream, gil_vocab)
-  label_rows = labels.rows(stream.labels, missing=-1)
-  joint = c.mode == "joint"
-  annot = Annotator(config, stream, init_backbone)
+  """Runs (or resumes) a continual annotation experiment; writes results.json and report.md.
 
-  ckpt = checkpoint.Checkpointer(workdir, keep=2)
+  Holds the workdir lock while running; SIGTERM / SIGINT checkpoint at the next step boundary and
+  raise `guards.Interrupted` (rerun to resume mid-stage); a non-finite loss raises
+  `guards.NonFiniteError` before anything non-finite is checkpointed.
+  """
+  guards.prepare_workdir(workdir)
+  with guards.WorkdirLock(workdir), guards.Preemption() as preempt:
+    return _train_annotation(config, workdir, progress_bar, preempt)
+
+
+def _train_annotation(config, workdir, progress_bar, preempt) -> dict:
+  c = config.canal
+  with guards.user_errors("invalid config or data"):
+    mode_setup(config)
+    check_novelty_rule(config)
+    stream = build_stream(config)
+    gil_vocab, init_backbone, gil_init = None, None, None
+    if c.init_workdir:
+      init_backbone, gil_vocab, saved = load_gil_params(c.init_workdir)
+      with config.unlocked():
+        config.model = ml_collections.ConfigDict(saved["model"])
+        config.genes.capacity = int(gil_vocab.capacity)
+      known = set(gil_vocab.gene_ids)
+      n_known = sum(g in known for g in stream.data.gene_ids)
+      gil_init = {"workdir": os.path.abspath(c.init_workdir), "vocab_genes": len(gil_vocab),
+                  "data_genes": int(stream.data.n_genes), "mapped_genes": int(n_known),
+                  "dropped_genes": int(stream.data.n_genes - n_known)}
+      log.info("init from %s: %s", c.init_workdir, gil_init)
+    vocab, labels = build_vocabs(config, stream, gil_vocab)
+    label_rows = labels.rows(stream.labels, missing=-1)
+    joint = c.mode == "joint"
+    annot = Annotator(config, stream, init_backbone)
+
+  # keep 3: the last finished stage survives a mid-stage (preemption / time) checkpoint
+  ckpt = checkpoint.Checkpointer(workdir, keep=3)
   ckpt.check_same_experiment(config)
   state = annot.state0
   n_stages = len(stream.stages)
@@ -179,23 +191,51 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
   results = {"experiment": config.experiment, "mode": c.mode, "transforms": list(annot.names),
              "bank": annot.use_bank, "stages": [],
              "accuracy_matrix": [[None] * n_stages for _ in range(1 if joint else n_stages)]}
-  first, calib = 0, None
+  first, start, calib, start_seconds = 0, 0, None, 0.0
   latest = ckpt.latest_step()
   if latest is not None:
     state, meta = ckpt.restore(latest, checkpoint.abstract_like(state))
-    results, first = meta["results"], meta["progress"]["stage"] + 1
-    calib = meta.get("novelty")
-    log.info("resuming after stage %d", first - 1)
+    results, calib, progress = meta["results"], meta.get("novelty"), meta["progress"]
+    if progress.get("stage_done", True):
+      first = progress["stage"] + 1
+      log.info("resuming after stage %d", first - 1)
+    else:  # a mid-stage checkpoint (preemption / checkpoint_minutes)
+      first, start = progress["stage"], int(progress["step_in_stage"])
+      start_seconds = float(progress.get("seconds", 0.0))
+      log.info("resuming stage %d at step %d", first, start)
+  mid_steps = [s for s in ckpt.manager.all_steps()
+               if not ckpt.read_meta(s)["progress"].get("stage_done", True)]
+  clock = guards.CheckpointClock(config.train.checkpoint_minutes)
+
+  def save(step: int, stage_done: bool, progress: dict) -> None:
+    """Saves; drops older mid-stage checkpoints so that `keep` holds finished stages."""
+    ckpt.save(step, state, _meta(config, stream, vocab, labels, results, progress, gil_init,
+                                 calib))
+    clock.reset()
+    for old in [s for s in mid_steps if s < step]:
+      ckpt.manager.delete(old)
+      mid_steps.remove(old)
+    if not stage_done:
+      mid_steps.append(step)
 
   train_plan = ([("joint", np.concatenate([s.train_cells for s in stream.stages]))] if joint else
                 [(s.name, s.train_cells) for s in stream.stages])
+  with guards.user_errors("invalid config"):
+    for k, (name, cells) in enumerate(train_plan):  # zero steps fail before any training
+      guards.check_steps(config.train.steps_per_stage if config.train.steps_per_stage > 0 else
+                         c.epochs_per_stage * math.ceil(len(cells) / annot.spec.batch_size),
+                         k, name, len(cells))
+  bar = None
   try:
     for k in range(first, len(train_plan)):
       name, cells = train_plan[k]
       c2r = columns_to_rows(stream, vocab, k)
-      state = state.replace(**jax.device_put(
-          dict(active_genes=vocab.active_mask(k), active_classes=labels.active_mask(k),
-               opt_state=annot.tx.init(state.params)), jax.devices()[0]))
+      resuming = k == first and start > 0
+      if not resuming:  # a new stage: activate its genes and types, fresh optimizer
+        state = state.replace(**jax.device_put(
+            dict(active_genes=vocab.active_mask(k), active_classes=labels.active_mask(k),
+                 opt_state=annot.tx.init(state.params)), jax.devices()[0]))
+      stage_start = start if resuming else 0
       bank_cells = np.zeros(0, np.int64)
       if annot.use_bank:
         occ = bank_lib.occupied(state.bank)
@@ -204,14 +244,30 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
       n_steps = (config.train.steps_per_stage if config.train.steps_per_stage > 0 else
                  c.epochs_per_stage * math.ceil(len(train_cells) / annot.spec.batch_size))
       t0, last = time.time(), {}
-      bar = tqdm(total=n_steps, desc=f"stage {k} {name}", disable=not progress_bar)
-      for _, batch in _stage_batches(annot, train_cells, c2r, label_rows, k, n_steps):
+      bar = tqdm(total=n_steps, initial=stage_start, desc=f"stage {k} {name}",
+                 disable=not progress_bar)
+      for step, batch in _stage_batches(annot, train_cells, c2r, label_rows, k,
+                                        n_steps - stage_start, stage_start):
         state, m = annot.train_step(state, _inputs(annot, batch))
         bar.update(1)
-        last = m
+        last, done = m, step + 1
+        stop = preempt.should_stop(done)
+        save_now = done < n_steps and (stop or clock.due(done))
+        if done % config.train.log_every == 0 or done == n_steps or save_now:
+          where = dict(step=done, stage=k, stage_name=name, ckpt=ckpt)
+          guards.check_finite(jax.device_get(m), config, **where)
+          if save_now:
+            guards.check_state_finite(state, config, **where)
+            save(int(state.step), False, {"stage": k, "step_in_stage": done, "stage_done": False,
+                                          "seconds": time.time() - t0 +
+                                          (start_seconds if resuming else 0.0)})
+            if stop:
+              raise guards.Interrupted(guards.interrupted_message(
+                  preempt.signal, f"step {done} of {n_steps} of stage {k} ({name})",
+                  int(state.step), ckpt.directory))
       bar.close()
       last = {kk: float(v) for kk, v in jax.device_get(last).items()}
-      seconds = time.time() - t0
+      seconds = time.time() - t0 + (start_seconds if resuming else 0.0)
 
       active_now = state.active_classes
 
@@ -254,10 +310,15 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
       log.info("stage %d (%s) done: %s", k, name, results["stages"][-1])
       if k == len(train_plan) - 1:  # the run's novelty constants, saved for `annotate`
         calib = novelty_calibration(annot, state, stream, label_rows, c2r)
-      progress = {"stage": k, "stage_done": True}
-      ckpt.save(k + 1, state, _meta(config, stream, vocab, labels, results, progress, gil_init,
-                                    calib))
+      guards.check_state_finite(state, config, step=n_steps, stage=k, stage_name=name,
+                                ckpt=ckpt)
+      save(int(state.step), True, {"stage": k, "stage_done": True})
+      if k < len(train_plan) - 1 and preempt.should_stop(int(state.step)):
+        raise guards.Interrupted(guards.interrupted_message(
+            preempt.signal, f"the end of stage {k} ({name})", int(state.step), ckpt.directory))
   finally:
+    if bar is not None:
+      bar.close()  # before any error message, so that it starts its own line
     ckpt.close()
 
   last_k = len(train_plan) - 1
@@ -267,6 +328,7 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
   results["annotation"]["gil_init"] = gil_init
   results["compilations"] = {"train_step": annot.train_step._cache_size(),
                              "eval_step": annot.eval_step._cache_size()}
+  results = guards.finite_or_none(results)  # strict JSON: null, never NaN
   report.write_outputs(workdir, results)
   return results
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gil_jax import checkpoint, distributed, experiment, parallel
+from gil_jax import checkpoint, distributed, experiment, guards, parallel
 from gil_jax.batch import Batch, empty_batch
 from gil_jax.data import batching, pipeline, stages
 from gil_jax.data.vocab import GeneVocab
@@ -195,35 +196,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Runs (or resumes) every stage of a gene-incremental experiment; returns results.json.
 
   `stop_after_steps` stops (after checkpointing) once that many train steps ran in this call;
-  tests use it to simulate an interruption.
+  tests use it to simulate an interruption. Holds the workdir lock while running; SIGTERM /
+  SIGINT checkpoint at the next step boundary and raise `guards.Interrupted`; a non-finite loss
+  raises `guards.NonFiniteError` before anything non-finite is checkpointed.
   """
-  os.makedirs(workdir, exist_ok=True)
+  guards.prepare_workdir(workdir)
+  multi = jax.process_count() > 1
+  with guards.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+       guards.Preemption(multi_process=multi) as preempt:
+    return _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt)
+
+
+def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt) -> dict:
   _setup_logging(workdir)
-  registry.transform_names(config)  # unknown names fail before any work
-  hooks.resolve(config.eval.stage_evaluators)
-  data = experiment.load_data(config)
+  with guards.user_errors("invalid config or data"):
+    registry.transform_names(config)  # unknown names fail before any work
+    hooks.resolve(config.eval.stage_evaluators)
+    data = experiment.load_data(config)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   ckpt.check_same_experiment(config)
   latest = ckpt.latest_step()
-  if latest is None:
-    plan = experiment.build_plan(config, data)
-    experiment.check_capacity(plan, config.genes.capacity)
-    progress = {"stage": 0, "step_in_stage": 0, "stage_done": False, "seconds": 0.0}
-    results = _new_results(config, plan)
-  else:
-    meta = ckpt.read_meta(latest)
-    plan = stages.StagePlan.from_json(meta["plan"])
-    progress, results = meta["progress"], meta["results"]
-    log.info("resuming from checkpoint step %d: %s", latest, progress)
-
-  runner = Runner(config, data, plan)
+  with guards.user_errors("invalid config or data"):
+    if latest is None:
+      plan = experiment.build_plan(config, data)
+      experiment.check_capacity(plan, config.genes.capacity)
+      progress = {"stage": 0, "step_in_stage": 0, "stage_done": False, "seconds": 0.0}
+      results = _new_results(config, plan)
+    else:
+      meta = ckpt.read_meta(latest)
+      plan = stages.StagePlan.from_json(meta["plan"])
+      progress, results = meta["progress"], meta["results"]
+      log.info("resuming from checkpoint step %d: %s", latest, progress)
+    if not len(plan.eval_cells):
+      log.warning("no held-out cells (config.stages.eval_fraction=%s): the gene-wise regression "
+                  "matrix and forgetting will be null; set --config.stages.eval_fraction > 0",
+                  config.stages.eval_fraction)
+    runner = Runner(config, data, plan)
+    for k, s in enumerate(plan.stages):
+      guards.check_steps(runner.steps_for(s), k, s.name, len(s.train_cells))
   state = runner.initial_state()
   if latest is not None:
     state, _ = ckpt.restore(latest, checkpoint.abstract_like(state))
 
   first = progress["stage"] + (1 if progress["stage_done"] else 0)
   steps_run = 0
-  batches = None
+  batches = bar = None
+  clock = guards.CheckpointClock(config.train.checkpoint_minutes, jax.process_count() > 1,
+                                 config.train.log_every)
   try:
     for k in range(first, len(plan.stages)):
       stage = plan.stages[k]
@@ -248,8 +267,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for step, inputs in batches:
         t_step = time.time()
         state, metrics = runner.train_step(state, inputs)
-        if (step + 1) % config.train.log_every == 0 or step + 1 == n_steps:
+        logged = (step + 1) % config.train.log_every == 0 or step + 1 == n_steps
+        if logged:
           metrics = jax.device_get(metrics)
+          guards.check_finite(metrics, config, step=step + 1, stage=k, stage_name=stage.name,
+                              ckpt=ckpt)
           losses.append(float(metrics["loss"]))
           bar.set_postfix({k_.split("/")[-1]: f"{float(v):.4f}" for k_, v in metrics.items()
                            if k_.startswith("loss")} | {"cells/s": f"{cells / max(t_measure, 1e-9):.0f}"})
@@ -262,11 +284,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar.update(1)
         steps_run += 1
         done_in_stage = step + 1
+        stop = preempt.should_stop(int(state.step))
         if done_in_stage < n_steps and (done_in_stage % config.train.checkpoint_every == 0 or
-                                        steps_run == stop_after_steps):
+                                        steps_run == stop_after_steps or stop or
+                                        clock.due(done_in_stage)):
+          if not logged:  # never checkpoint a step whose loss was not checked
+            guards.check_finite(jax.device_get(metrics), config, step=done_in_stage, stage=k,
+                                stage_name=stage.name, ckpt=ckpt)
+          guards.check_state_finite(state, config, step=done_in_stage, stage=k,
+                                    stage_name=stage.name, ckpt=ckpt)
           progress = {"stage": k, "step_in_stage": done_in_stage, "stage_done": False,
                       "seconds": stage_seconds + time.time() - t0}
           ckpt.save(int(state.step), state, _meta(config, plan, vocab, results, progress))
+          clock.reset()
+          if stop:
+            raise guards.Interrupted(guards.interrupted_message(
+                preempt.signal, f"step {done_in_stage} of {n_steps} of stage {k} ({stage.name})",
+                int(state.step), ckpt.directory))
         if steps_run == stop_after_steps and done_in_stage < n_steps:
           batches.close()
           bar.close()
@@ -302,21 +336,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           "final_train_loss": losses[-1] if losses else None})
       log.info("stage %d (%s) done: %s", k, stage.name, results["stages"][-1])
       progress = {"stage": k, "step_in_stage": n_steps, "stage_done": True, "seconds": 0.0}
+      guards.check_state_finite(state, config, step=n_steps, stage=k, stage_name=stage.name,
+                                ckpt=ckpt)
       ckpt.save(int(state.step), state, _meta(config, plan, vocab, results, progress))
+      clock.reset()
+      if k < len(plan.stages) - 1 and preempt.should_stop(int(state.step)):
+        raise guards.Interrupted(guards.interrupted_message(
+            preempt.signal, f"the end of stage {k} ({stage.name})", int(state.step),
+            ckpt.directory))
   except KeyboardInterrupt:
     log.warning("interrupted; rerun the same command to resume from the last checkpoint")
     raise
   finally:
     if batches is not None:
       batches.close()
+    if bar is not None:
+      bar.close()  # before any error message, so that it starts its own line
     ckpt.close()
 
   if steps_run:
     results["compilations"] = {"train_step": runner.train_step._cache_size(),
                                "eval_step": runner.eval_step._cache_size()}
+  else:  # a finished workdir rerun: keep the counts of the run that trained
+    results.setdefault("compilations", _previous_results(workdir).get("compilations"))
+  results = guards.finite_or_none(results)  # strict JSON: null, never NaN
   if jax.process_index() == 0:
     report.write_outputs(workdir, results)
   return results
+
+
+def _previous_results(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 def _process_rows(x, pid: int, n_proc: int):
