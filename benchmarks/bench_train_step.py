@@ -42,7 +42,7 @@ def model_flops_forward(mc, b: int, n: int) -> float:
   if mc.name == "transformer":
     s, f = n + 1, mc.ffn_dim
     layer = s * (8 * d * d + 4 * d * f) + 4 * s * s * d       # qkv+out, ffn, QK^T and PV
-    value_enc = n * (2 * d + 2 * d * d)
+    value_enc = _value_encoding_flops(mc, n)
     value_head = n * (4 * d * d + 2 * d)
     mvc = n * (6 * d * d + 2 * d) if mc.use_mvc else 0
     return float(b * (mc.n_layers * layer + value_enc + value_head + mvc))
@@ -52,9 +52,17 @@ def model_flops_forward(mc, b: int, n: int) -> float:
     proc = L * 8 * d * d + 4 * L * L * d + L * 4 * m * d * d
     dec = n * 2 * d * d + L * 4 * d * d + 4 * n * L * d + n * 2 * d * d + n * 4 * m * d * d
     head = n * (2 * d * d + 2 * d)
-    value_enc = n * (2 * d + 2 * d * d) if mc.value_encoding == "mlp" else 0
+    value_enc = _value_encoding_flops(mc, n)
     return float(b * (enc + mc.n_layers * proc + dec + head + value_enc))
   raise ValueError(mc.name)
+
+
+def _value_encoding_flops(mc, n: int) -> int:
+  """The value encoder's MLP (+ bin mixing) per cell; the depth token's MLP is negligible."""
+  d = mc.d_model
+  out = {"additive": d, "film": 2 * d, "softbin": mc.n_bins, "scale": 0}[mc.value_encoding]
+  mix = 2 * mc.n_bins * d if mc.value_encoding == "softbin" else 0
+  return 0 if not out else n * (2 * d + 2 * d * out + mix)
 
 
 def make_batch(b: int, n: int, capacity: int, seed: int = 0) -> Batch:

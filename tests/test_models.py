@@ -15,8 +15,8 @@ CAP, B, N = 37, 8, 12       # capacity differs from every other dimension
 USED = 20                   # batches only use rows 1..USED-1; rows >= USED are absent
 
 VARIANTS = {
-    "exceiver-scale-mse": ("exceiver", dict(value_encoding="scale"), "mse"),
-    "exceiver-mlp-nb": ("exceiver", dict(value_encoding="mlp"), "nb"),
+    "exceiver-softbin-mse": ("exceiver", dict(value_encoding="softbin"), "mse"),
+    "exceiver-additive-nb": ("exceiver", dict(value_encoding="additive"), "nb"),
     "transformer-mvc-nb": ("transformer", dict(use_mvc=True), "nb"),
     "transformer-poisson": ("transformer", dict(use_mvc=False), "poisson"),
 }
@@ -185,7 +185,7 @@ def test_gene_params_are_exactly_the_capacity_rows(variant):
       {"params": params})
 
 
-@pytest.mark.parametrize("variant", ["exceiver-scale-mse", "transformer-mvc-nb"])
+@pytest.mark.parametrize("variant", ["exceiver-softbin-mse", "transformer-mvc-nb"])
 def test_bfloat16_compute(variant):
   _, params, apply = built(variant, "bfloat16")
   for v in jax.tree_util.tree_leaves(params):
@@ -210,7 +210,7 @@ def test_dropout():
   np.testing.assert_array_equal(c["pred"], d["pred"])
 
 
-@pytest.mark.parametrize("variant", ["exceiver-mlp-nb", "transformer-mvc-nb"])
+@pytest.mark.parametrize("variant", ["exceiver-additive-nb", "transformer-mvc-nb"])
 def test_sharded_matches_single_device(variant):
   assert jax.device_count() == 8
   _, params, apply = built(variant)

@@ -78,7 +78,7 @@ def apply_model(model, params, batch: Batch, active_genes, *, train: bool, rng) 
   """Runs the backbone on a batch with inactive genes removed from the tokens."""
   return model.apply({"params": params}, batch.gene_ids, batch.values,
                      effective_token_mask(batch, active_genes), batch.pred_mask, train,
-                     rngs={"dropout": rng})
+                     batch.size_factors, rngs={"dropout": rng})
 
 
 def make_task_loss(model, likelihood: str) -> Callable[..., Any]:

@@ -1,7 +1,8 @@
 """Model layer: backbone configs and the builder.
 
 Every backbone is called as
-``model.apply({'params': p}, gene_ids, values, token_mask, pred_mask, train, rngs={'dropout': k})``
+``model.apply({'params': p}, gene_ids, values, token_mask, pred_mask, train, size_factors,
+rngs={'dropout': k})`` (``size_factors`` float32[B], library size / 1e4, read by the depth token)
 and returns a dict with float32 'pred' [B, N] and 'cell_emb' [B, E], plus 'mvc' [B, N]
 (transformer with use_mvc) and 'log_theta' [B, N] (likelihood 'nb'). All per-gene params live
 under the top-level submodule ``genes`` (see ``is_gene_param``).
@@ -13,16 +14,19 @@ import flax.linen as nn
 import ml_collections
 
 from gil_jax.models.common import GENES, compute_dtype, is_gene_param
-from gil_jax.models.exceiver import VALUE_ENCODINGS, Exceiver
+from gil_jax.models.exceiver import Exceiver
 from gil_jax.models.transformer import Transformer
+from gil_jax.models.value_encoding import VALUE_BLIND, VALUE_ENCODINGS, check_encoding
 
 LIKELIHOODS = ("mse", "poisson", "nb")
 
 _DEFAULTS = {
     "exceiver": dict(name="exceiver", d_model=64, n_latents=32, n_layers=2, n_heads=4,
-                     ffn_mult=4, dropout=0.0, value_encoding="scale", dtype="float32"),
+                     ffn_mult=4, dropout=0.0, value_encoding="additive", n_bins=16,
+                     depth_token=True, dtype="float32"),
     "transformer": dict(name="transformer", d_model=64, n_layers=2, n_heads=4, ffn_dim=64,
-                        dropout=0.1, use_mvc=False, dtype="float32"),
+                        dropout=0.1, use_mvc=False, value_encoding="additive", n_bins=16,
+                        depth_token=True, dtype="float32"),
 }
 MODEL_NAMES = tuple(_DEFAULTS)
 
@@ -35,9 +39,11 @@ def model_config(name: str) -> ml_collections.ConfigDict:
 
 
 def paper_transformer_config() -> ml_collections.ConfigDict:
-  """The GIL paper transformer: d=256, 6 layers, 8 heads, FFN 256, dropout 0.15, MVC head."""
+  """The GIL paper transformer: d=256, 6 layers, 8 heads, FFN 256, dropout 0.15, MVC head,
+  additive value encoding, no depth token."""
   cfg = model_config("transformer")
-  cfg.update(d_model=256, n_layers=6, n_heads=8, ffn_dim=256, dropout=0.15, use_mvc=True)
+  cfg.update(d_model=256, n_layers=6, n_heads=8, ffn_dim=256, dropout=0.15, use_mvc=True,
+             depth_token=False)
   return cfg
 
 
@@ -49,16 +55,15 @@ def build_model(model_cfg: ml_collections.ConfigDict, capacity: int,
   c = model_cfg
   common = dict(capacity=int(capacity), d_model=c.d_model, n_layers=c.n_layers,
                 n_heads=c.n_heads, dropout=float(c.dropout), likelihood=likelihood,
-                dtype=compute_dtype(c.dtype))
+                dtype=compute_dtype(c.dtype), value_encoding=c.get("value_encoding", "additive"),
+                n_bins=int(c.get("n_bins", 16)), depth_token=bool(c.get("depth_token", False)))
+  check_encoding(common["value_encoding"])
   if c.name == "exceiver":
-    if c.value_encoding not in VALUE_ENCODINGS:
-      raise ValueError(f"unknown value_encoding {c.value_encoding!r}; known: {VALUE_ENCODINGS}")
-    return Exceiver(n_latents=c.n_latents, ffn_mult=c.ffn_mult,
-                    value_encoding=c.value_encoding, **common)
+    return Exceiver(n_latents=c.n_latents, ffn_mult=c.ffn_mult, **common)
   if c.name == "transformer":
     return Transformer(ffn_dim=c.ffn_dim, use_mvc=bool(c.use_mvc), **common)
   raise ValueError(f"unknown model {c.name!r}; known: {list(MODEL_NAMES)}")
 
 
-__all__ = ["GENES", "LIKELIHOODS", "MODEL_NAMES", "build_model", "is_gene_param",
+__all__ = ["GENES", "LIKELIHOODS", "MODEL_NAMES", "VALUE_BLIND", "VALUE_ENCODINGS", "build_model", "is_gene_param",
            "model_config", "paper_transformer_config", "Exceiver", "Transformer"]

@@ -1,7 +1,8 @@
 """Exceiver (Perceiver IO over gene tokens), with boolean masks (exceiver.md §1, §5, §6).
 
 encode: learned latents [L, d] cross-attend to the *visible* tokens (``token_mask & ~pred_mask``;
-  padding and hidden genes are not keys), token = value-encoded gene embedding;
+  padding and hidden genes are not keys), token = value-encoded gene embedding
+  (``value_encoding.py``), plus one depth token (the cell's log library size) when ``depth_token``;
 process: ``n_layers`` pre-LN latent self-attention layers + final LayerNorm (pre-LN instead of the
   reference's post-LN: stabler from scratch, no released weights are ported);
 decode: queries = tied gene embeddings of all N positions (no value) cross-attend to the latents,
@@ -16,8 +17,7 @@ import jax.numpy as jnp
 
 from gil_jax.models.common import (GENES, LN_EPS, MLP, Array, Attention, Dropout, Dtype,
                                    GeneTable)
-
-VALUE_ENCODINGS = ("scale", "mlp")
+from gil_jax.models.value_encoding import DepthToken, ValueEncoder, check_encoding, log_depth
 
 
 class CrossAttnBlock(nn.Module):
@@ -67,25 +67,27 @@ class Exceiver(nn.Module):
   n_heads: int = 4
   ffn_mult: int = 4
   dropout: float = 0.0
-  value_encoding: str = "scale"
+  value_encoding: str = "additive"
+  n_bins: int = 16
+  depth_token: bool = True
   likelihood: str = "mse"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, gene_ids: Array, values: Array, token_mask: Array, pred_mask: Array,
-               train: bool) -> dict[str, Array]:
-    if self.value_encoding not in VALUE_ENCODINGS:
-      raise ValueError(f"unknown value_encoding {self.value_encoding!r}; known: {VALUE_ENCODINGS}")
+               train: bool, size_factors: Array | None = None) -> dict[str, Array]:
+    check_encoding(self.value_encoding)
     d, dt = self.d_model, self.dtype
     blk = dict(num_heads=self.n_heads, ffn_mult=self.ffn_mult, dropout_rate=self.dropout, dtype=dt)
     genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb", name=GENES)
     emb = genes.embed(gene_ids)                                   # [B, N, d] float32
     visible = token_mask & ~pred_mask
-    v = jnp.where(visible, values, 0.0).astype(jnp.float32)[..., None]
-    if self.value_encoding == "scale":
-      tokens = ((v + 1.0) * emb).astype(dt)                      # Exceiver: (v + 1) * e_g
-    else:
-      tokens = emb.astype(dt) + MLP((d, d), dtype=dt, name="value_encoder")(v.astype(dt))
+    v = jnp.where(visible, values, 0.0)
+    tokens = ValueEncoder(self.value_encoding, self.n_bins, dtype=dt, name="value_encoder")(emb, v)
+    if self.depth_token:
+      depth = DepthToken(d, dtype=dt, name="depth_token")(log_depth(size_factors, v.shape[0]))
+      tokens = jnp.concatenate([depth[:, None, :], tokens], axis=1)
+      visible = jnp.concatenate([jnp.ones_like(visible[:, :1]), visible], axis=1)
 
     latents = self.param("latents", nn.initializers.normal(0.02), (self.n_latents, d), jnp.float32)
     lat = jnp.broadcast_to(latents.astype(dt), (gene_ids.shape[0],) + latents.shape)

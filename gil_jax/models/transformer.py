@@ -1,7 +1,9 @@
 """GIL paper backbone: scGPT-style gene-token transformer (gil.md §1.3, JAX/Flax mapping notes).
 
-token = gene_emb + MLP(value), value = -1 at pred positions and 0 at padding (clamped at 512);
-a learned CLS token is prepended (its own param, not a gene row); no positional encoding, no input
+token = value-encoded gene embedding (``value_encoding.py``; the paper's is ``additive``:
+gene_emb + MLP(value)), value = -1 at pred positions and 0 at padding (clamped at 512);
+a learned CLS token is prepended (plus the depth token, the cell's log library size, when
+``depth_token``) (its own param, not a gene row); no positional encoding, no input
 LayerNorm/dropout; post-LN encoder layers (LN eps 1e-5, ReLU FFN of width ``ffn_dim``, dropout on
 attention probabilities, attention output and FFN as in PyTorch); key padding mask from
 ``token_mask`` (CLS always valid). cell_emb = CLS output (E = d_model).
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 
 from gil_jax.models.common import (GENES, LN_EPS, MLP, Array, Attention, Dense, Dropout, Dtype,
                                    GeneTable)
+from gil_jax.models.value_encoding import DepthToken, ValueEncoder, check_encoding, log_depth
 
 VALUE_CLIP = 512.0
 MASK_VALUE = -1.0
@@ -48,23 +51,31 @@ class Transformer(nn.Module):
   ffn_dim: int = 64
   dropout: float = 0.1
   use_mvc: bool = False
+  value_encoding: str = "additive"
+  n_bins: int = 16
+  depth_token: bool = False
   likelihood: str = "mse"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, gene_ids: Array, values: Array, token_mask: Array, pred_mask: Array,
-               train: bool) -> dict[str, Array]:
+               train: bool, size_factors: Array | None = None) -> dict[str, Array]:
+    check_encoding(self.value_encoding)
     d, dt = self.d_model, self.dtype
     leaky = lambda x: nn.leaky_relu(x, 0.01)
     genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb", name=GENES)
     emb = genes.embed(gene_ids)                                   # [B, N, d] float32
     v = jnp.where(pred_mask, MASK_VALUE, jnp.where(token_mask, values, 0.0))
-    v = jnp.minimum(v, VALUE_CLIP).astype(dt)[..., None]
-    x = emb.astype(dt) + MLP((d, d), act=nn.relu, dtype=dt, name="value_encoder")(v)
+    v = jnp.minimum(v, VALUE_CLIP)
+    x = ValueEncoder(self.value_encoding, self.n_bins, act="relu", dtype=dt,
+                     name="value_encoder")(emb, v)
 
     b = gene_ids.shape[0]
     cls = self.param("cls_token", nn.initializers.normal(0.02), (d,), jnp.float32)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, d)), x], axis=1)
+    cls = jnp.broadcast_to(cls.astype(dt), (b, d))
+    if self.depth_token:
+      cls = cls + DepthToken(d, dtype=dt, name="depth_token")(log_depth(size_factors, b))
+    x = jnp.concatenate([cls[:, None, :], x], axis=1)
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)
     for i in range(self.n_layers):
       x = PostLNLayer(self.n_heads, self.ffn_dim, self.dropout, dt, name=f"layer_{i}")(
