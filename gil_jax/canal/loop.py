@@ -31,6 +31,7 @@ from gil_jax.canal.model import (AnnotState, eval_step_for, init_params, load_gi
 from gil_jax.canal.stream import Stream, build_stream
 from gil_jax.data import batching
 from gil_jax.data.vocab import GeneVocab
+from gil_jax.eval import baselines
 from gil_jax.losses import registry, transforms
 from gil_jax.models import build_model
 
@@ -403,14 +404,26 @@ def final_evaluation(annot, state, stream, labels, label_rows, c2r, stage_names,
                         quantile_selection=sel or None)
     truth = np.where(np.isin(stream.labels[test], withheld), UNASSIGNED, stream.labels[test])
     res["confusion"] = _confusion(truth, pred)
-  res["test_only"] = {}
+  res["test_only"], seen_only = {}, {}
   for src, cells in stream.test_only.items():
-    seen = cells[np.isin(stream.labels[cells], labels.names)]
-    entry = {"n_cells": int(len(cells)), "n_seen_type_cells": int(len(seen))}
-    if len(seen):
-      o = annot.predict(state.params, state.active_genes, state.active_classes, seen, c2r)
-      entry.update(metrics.classification(stream.labels[seen], names[np.argmax(o["logits"], -1)]))
+    is_seen = np.isin(stream.labels[cells], labels.names)
+    seen_only[src] = cells[is_seen]
+    entry = {"n_cells": int(len(cells)), "n_seen_type_cells": int(is_seen.sum())}
+    if len(cells):
+      o = annot.predict(state.params, state.active_genes, state.active_classes, cells, c2r)
+      pred = names[np.argmax(o["logits"], -1)]
+      entry.update(metrics.classification(stream.labels[cells][is_seen], pred[is_seen]))
+      # the run's novelty rule on the whole test-only source (CANAL's rule: transductive on it)
+      flag = detect_novel(annot.config, state, o, calib,
+                          key=jax.random.PRNGKey(annot.config.seed)).unassigned
+      entry.update(flagged_novel=float(np.mean(flag)),
+                   flagged_novel_seen=float(np.mean(flag[is_seen])) if is_seen.any() else None,
+                   flagged_novel_unseen=float(np.mean(flag[~is_seen])) if (~is_seen).any()
+                   else None)
     res["test_only"][src] = entry
+  train = np.concatenate([s.train_cells for s in stream.stages])
+  res["baselines"] = baselines.annotation_baselines(stream, np.flatnonzero(c2r > 0), train, known,
+                                                    seen_only)
   return res
 
 

@@ -14,6 +14,15 @@ import numpy as np  # noqa: E402
 from gil_jax.eval.report import _fmt, markdown_table, save_figure  # noqa: E402
 
 
+BASELINE_NAMES = {"logistic_regression": "logistic regression", "knn_pca": "kNN (k=15) on PCA"}
+BASELINE_NOTE = ("Baselines (gil_jax/eval/baselines.py) are fitted on the same training cells "
+                 "(all training stages, no bank) on the model's vocabulary genes (normalised values, "
+                 "0 where a source did not measure a gene): logistic regression on standardised "
+                 "features with C=1; kNN (k=15) on 50 principal components. Test-only sources: "
+                 "refitted on the genes they share with the vocabulary. No hyperparameter is chosen "
+                 "on test cells.")
+
+
 def plot_confusion(conf: dict, path: str, title: str) -> None:
   labels, m = conf["labels"], np.asarray(conf["matrix"], float)
   norm = m / np.maximum(m.sum(1, keepdims=True), 1)
@@ -46,6 +55,7 @@ def write_outputs(workdir: str, results: dict) -> None:
                  s["n_active_genes"], s["steps"], s["seconds"], s["final_loss"],
                  s["train_accuracy"]] for s in results["stages"]]
   fin = a["final"]
+  baselines = a.get("baselines") or {}
   parts = [f"# {results['experiment']} — continual annotation ({results['mode']})", "",
            f"Transforms: `{results['transforms']}`, example bank: {results['bank']}.", "",
            "## Stages", "",
@@ -54,10 +64,17 @@ def write_outputs(workdir: str, results: dict) -> None:
            "## Accuracy on each stage's held-out cells (rows: after stage)", "",
            markdown_table(["after \\ test of"] + names,
                           [[r] + row for r, row in zip(row_names, a["accuracy_matrix"])]), "",
-           markdown_table(["accuracy", "macro-F1", "ARI", "average acc", "BWT", "forgetting",
-                           "test cells"],
-                          [[fin["accuracy"], fin["macro_f1"], fin["ari"], a["average_accuracy"],
-                            a["bwt"], a["forgetting"], a["n_test_cells"]]]), ""]
+           "## Held-out cells of all stages after the last stage (model and baselines)", "",
+           markdown_table(["method", "accuracy", "macro-F1", "ARI", "average acc", "BWT",
+                           "forgetting", "test cells"],
+                          [[f"model ({results['mode']})", fin["accuracy"], fin["macro_f1"],
+                            fin["ari"], a["average_accuracy"], a["bwt"], a["forgetting"],
+                            a["n_test_cells"]]] +
+                          [[BASELINE_NAMES[b], e["test"]["accuracy"], e["test"]["macro_f1"],
+                            e["test"]["ari"], None, None, None, a["n_test_cells"]]
+                           for b, e in baselines.items() if e.get("test")]), ""]
+  if baselines:
+    parts += [BASELINE_NOTE, ""]
   if a.get("novel"):
     n = a["novel"]
     parts += ["## Novel cell types", "",
@@ -68,11 +85,18 @@ def write_outputs(workdir: str, results: dict) -> None:
                                n["known_accuracy"], n["unknown_accuracy"], n["h_score"],
                                n["total_accuracy"]]]), ""]
   if a.get("test_only"):
-    parts += ["## Test-only sources (cells of seen types)", "",
-              markdown_table(["source", "cells", "seen-type cells", "accuracy", "macro-F1", "ARI"],
-                             [[s, e["n_cells"], e["n_seen_type_cells"], e.get("accuracy"),
-                               e.get("macro_f1"), e.get("ari")]
-                              for s, e in a["test_only"].items()]), ""]
+    rows = []
+    for s, e in a["test_only"].items():
+      rows.append([s, f"model ({results['mode']})", e["n_cells"], e["n_seen_type_cells"], None,
+                   e.get("accuracy"), e.get("macro_f1"), e.get("ari"), e.get("flagged_novel")])
+      for b, be in baselines.items():
+        t = be["test_only"].get(s, {})
+        rows.append([s, BASELINE_NAMES[b], e["n_cells"], e["n_seen_type_cells"],
+                     t.get("n_shared_genes"), t.get("accuracy"), t.get("macro_f1"), t.get("ari"),
+                     None])
+    parts += ["## Test-only sources (accuracy on cells of seen types)", "",
+              markdown_table(["source", "method", "cells", "seen-type cells", "shared genes",
+                              "accuracy", "macro-F1", "ARI", "flagged novel"], rows), ""]
   parts += ["![confusion matrix](confusion.png)", ""]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(parts))
@@ -82,6 +106,10 @@ def console_summary(results: dict) -> str:
   a = results["annotation"]
   s = (f"final accuracy {_fmt(a['final']['accuracy'])}  macro-F1 {_fmt(a['final']['macro_f1'])}"
        f"  ARI {_fmt(a['final']['ari'])}  BWT {_fmt(a['bwt'])}")
+  lr = ((a.get("baselines") or {}).get("logistic_regression") or {}).get("test")
+  if lr:
+    s += (f"\nlogistic regression (same cells): accuracy {_fmt(lr['accuracy'])}  "
+          f"macro-F1 {_fmt(lr['macro_f1'])}")
   if a.get("novel"):
     n = a["novel"]
     s += (f"\nnovel: known {_fmt(n['known_accuracy'])}  unknown {_fmt(n['unknown_accuracy'])}"
