@@ -146,7 +146,7 @@ def make_config(tissue: str, held_out: str, mode: str, seed: int, paths: dict[st
   return c
 
 
-def run_one(config, workdir: str) -> dict:
+def run_one(config, workdir: str, commit: str) -> dict:
   path = os.path.join(workdir, "results.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -154,6 +154,7 @@ def run_one(config, workdir: str) -> dict:
   t0 = time.time()
   results = loop.train_annotation(config, workdir)
   results["wall_s"] = round(time.time() - t0, 1)
+  results["commit"] = commit
   with open(path, "w") as f:  # with wall time
     json.dump(results, f, indent=1)
   return results
@@ -223,9 +224,11 @@ def aggregate(per_seed: dict) -> dict:
 def markdown(agg: dict, meta: dict) -> str:
   lines = ["# Cross-study annotation (leave one study out)", "",
            f"Command: `{meta['command']}`", "",
-           f"Commit `{meta['commit']}`{' (with uncommitted changes)' if meta['dirty'] else ''}; "
-           f"seeds {meta['seeds']}; modes {meta['modes']}; {meta['epochs']} epochs per stage; "
-           f"{meta['wall_s']:.0f} s in all.", "",
+           f"Runs trained at commit(s) {', '.join(f'`{c}`' for c in meta['run_commits'])} "
+           "('+dirty': uncommitted changes under gil_jax/ or configs/); "
+           f"seeds {meta['seeds']} (continual mode: {meta['canal_seeds']}); modes "
+           f"{meta['modes']}; {meta['epochs']} epochs per stage; "
+           f"{meta['wall_s']:.0f} s of training runs in all.", "",
            "Split: every row is one held-out part of the held-out study (all its cells are "
            "test-only, none trained on); the model and baselines are trained on the training "
            "split of all other studies. Accuracy / macro-F1: cells of the held-out part whose type "
@@ -287,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tissues", default="pancreas,pbmc")
   p.add_argument("--studies", default="", help="comma-separated held-out studies (default all)")
   p.add_argument("--epochs", type=int, default=0, help="epochs per stage (0 = the config's)")
+  p.add_argument("--canal_seeds", default="",
+                 help="seeds of the continual mode (default: --seeds); it costs ~2x joint")
+  p.add_argument("--aggregate_only", action="store_true",
+                 help="only tabulate the finished runs under --out; train nothing")
   p.add_argument("--quick", action="store_true",
                  help="smoke test: first seed, 1 epoch per stage, first two studies per tissue")
   args = p.parse_args(argv)
@@ -299,28 +306,33 @@ def main(argv: list[str] | None = None) -> int:
   if bad:
     p.error(f"unknown modes/tissues {bad}")
   only = [s.strip() for s in args.studies.split(",") if s.strip()]
+  canal_seeds = [int(x) for x in args.canal_seeds.split(",") if x.strip()] or seeds
   if args.quick:
-    seeds = seeds[:1]
+    seeds, canal_seeds = seeds[:1], canal_seeds[:1]
   os.makedirs(args.out, exist_ok=True)
   # one compilation per tissue and mode, reused by the runs of every held-out study and seed
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   commit, dirty = git_commit()
-  t_start = time.time()
+  run_s, run_commits = 0.0, set()
   per_seed: dict = {}
   tmp = tempfile.mkdtemp(prefix="cross_study_parts_")
   try:
     paths = write_parts(os.path.abspath(args.data_dir), tmp)
-    for tissue in tissues:
-      studies = [s for s in STUDIES[tissue] if not only or s in only]
-      studies = studies[:2] if args.quick else studies
-      epochs = 1 if args.quick else (args.epochs or BASE[tissue]().canal.epochs_per_stage)
-      for seed in seeds:
-        for mode in modes:
+    for mode in modes:  # all joint runs first: the continual runs are the optional part (b)
+      for seed in (canal_seeds if mode == "canal" else seeds):
+        for tissue in tissues:
+          studies = [s for s in STUDIES[tissue] if not only or s in only]
+          studies = studies[:2] if args.quick else studies
+          epochs = 1 if args.quick else (args.epochs or BASE[tissue]().canal.epochs_per_stage)
           for study in studies:
             config = make_config(tissue, study, mode, seed, paths, epochs)
             workdir = os.path.join(args.out, "runs", tissue, mode, f"seed{seed}", study)
-            res = run_one(config, workdir)
+            if args.aggregate_only and not os.path.exists(os.path.join(workdir, "results.json")):
+              continue
+            res = run_one(config, workdir, commit + ("+dirty" if dirty else ""))
+            run_s += res.get("wall_s") or 0.0
+            run_commits.add(res.get("commit", "unknown"))
             fig = figures(res)
             per_seed.setdefault(tissue, {}).setdefault(study, {}).setdefault(mode, {})[seed] = fig
             print(json.dumps({"tissue": tissue, "held_out": study, "mode": mode, "seed": seed,
@@ -329,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
                                  for part, r in fig.items()}}), flush=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  meta = {"command": command, "commit": commit, "dirty": dirty, "seeds": seeds, "modes": modes,
+  meta = {"command": command, "commit": commit, "dirty": dirty, "seeds": seeds,
+          "canal_seeds": canal_seeds if "canal" in modes else [], "modes": modes,
           "epochs": "1 (quick)" if args.quick else (args.epochs or "config (15)"),
-          "wall_s": time.time() - t_start, "studies": STUDIES, "parts": PARTS,
+          "wall_s": run_s, "run_commits": sorted(run_commits), "studies": STUDIES, "parts": PARTS,
           "label_maps": LABEL_MAPS, "dropped_labels": DROP}
   agg = aggregate(per_seed)
   with open(os.path.join(args.out, "cross_study.json"), "w") as f:
