@@ -270,6 +270,9 @@ def markdown(agg: dict, meta: dict) -> str:
 
 
 def git_commit() -> tuple[str, bool]:
+  """(commit, dirty); CROSS_STUDY_COMMIT names it for a tree exported with `git archive`."""
+  if os.environ.get("CROSS_STUDY_COMMIT"):
+    return os.environ["CROSS_STUDY_COMMIT"], False
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.strip()
