@@ -97,7 +97,7 @@ def test_report_puts_baselines_beside_the_model(tmp_path):
   md = (tmp_path / "report.md").read_text()
   assert md.count("| logistic regression | 0.7700 |") == 1
   assert "| q | logistic regression | 30 | 25 | 12 | 0.7700 |" in md
-  assert "kNN (k=15) on PCA" in md and "| model (canal) |" in md
+  assert "kNN (k=15) on PCA" in md and "| q | model (canal) | 30 | 25 | 12 | 0.6000 |" in md
   assert "logistic regression (same cells): accuracy 0.7700" in report.console_summary(
       _results(True))
   report.write_outputs(str(tmp_path), _results(False))  # runs without baselines still report

@@ -87,7 +87,9 @@ def write_outputs(workdir: str, results: dict) -> None:
   if a.get("test_only"):
     rows = []
     for s, e in a["test_only"].items():
-      rows.append([s, f"model ({results['mode']})", e["n_cells"], e["n_seen_type_cells"], None,
+      shared = next((be["test_only"].get(s, {}).get("n_shared_genes")
+                     for be in baselines.values()), None)  # the genes the model sees, too
+      rows.append([s, f"model ({results['mode']})", e["n_cells"], e["n_seen_type_cells"], shared,
                    e.get("accuracy"), e.get("macro_f1"), e.get("ari"), e.get("flagged_novel")])
       for b, be in baselines.items():
         t = be["test_only"].get(s, {})
