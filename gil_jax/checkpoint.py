@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -15,7 +16,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from gil_jax import guards
+from gil_jax import guards, integrity
+
+log = logging.getLogger("gil_jax")
 
 # Config fields that do not change what is computed; a resumed run may change them.
 # data.lazy: lazy and in-memory reading give the same cells, values and plans.
@@ -61,10 +64,16 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 
 
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` with items 'state' (arrays) and 'meta' (JSON)."""
+  """A thin wrapper over `ocp.CheckpointManager` with items 'state' (arrays) and 'meta' (JSON).
+
+  Each save records a checksum per array in the meta (plus `extra_meta`, e.g. the data
+  fingerprint); `restore` verifies them and `restore_good` falls back to the newest step that
+  restores and verifies, moving damaged newer steps aside to `checkpoints.damaged/`.
+  """
 
   def __init__(self, workdir: str, keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.extra_meta: dict = {}
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -74,7 +83,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    meta = guards.finite_or_none(meta)  # strict JSON
+    meta = guards.finite_or_none({**self.extra_meta, **meta})  # strict JSON
+    meta["checksums"] = integrity.tree_checksums(state)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
@@ -83,17 +93,54 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores into the shapes, dtypes and shardings of `abstract_state`."""
+    """Restores into the shapes, dtypes and shardings of `abstract_state`; verifies the arrays'
+    checksums (CheckpointDamagedError)."""
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    integrity.verify_tree(out["state"], out["meta"].get("checksums"),
+                          f"checkpoint step {step} in {self.directory}")
     return out["state"], out["meta"]
+
+  def latest_meta(self) -> tuple[int | None, dict | None]:
+    """(step, meta) of the newest step whose JSON meta reads; damaged newer steps are logged
+    and moved aside."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, self.read_meta(step)
+      except Exception as e:  # noqa: BLE001 -- any read failure: the step is damaged
+        self.set_aside(step, e)
+    return None, None
+
+  def restore_good(self, abstract_state: Any) -> tuple[int | None, Any, dict | None]:
+    """(step, state, meta) of the newest step that restores and verifies; damaged newer steps
+    are logged and moved aside, so that the run re-does them. (None, None, None) if none."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
+      except Exception as e:  # noqa: BLE001 -- tensorstore, JSON or checksum errors alike
+        if jax.process_count() > 1:
+          raise
+        self.set_aside(step, e)
+    return None, None, None
+
+  def set_aside(self, step: int, error: BaseException) -> None:
+    """Moves a damaged step to `checkpoints.damaged/<step>` (kept for inspection)."""
+    aside = os.path.join(os.path.dirname(self.directory), "checkpoints.damaged")
+    os.makedirs(aside, exist_ok=True)
+    target = os.path.join(aside, f"{step}")
+    if os.path.exists(target):
+      target += f".{len(os.listdir(aside))}"
+    log.warning("checkpoint step %d in %s is damaged (%s); moved to %s, falling back to the "
+                "previous step", step, self.directory, guards.one_line(error)[:300], target)
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
 
   def check_same_experiment(self, config: ml_collections.ConfigDict) -> None:
     """Raises WorkdirMismatchError when the latest checkpoint was made by another config."""
-    step = self.latest_step()
+    step, meta = self.latest_meta()
     if step is None:
       return
-    meta = self.read_meta(step)
     if meta.get("fingerprint") == fingerprint(config):
       return
     diff = config_diff(meta.get("config", {}), config_for_fingerprint(config))

@@ -395,3 +395,77 @@ def test_annotate_refuses_unsafe_outputs_and_partial_runs(canal_run, tmp_path, c
   assert annotate(tmp_path / "p.h5ad", "--allow-partial", workdir=partial)[0] == 0
   assert "1 of 2" in ad.read_h5ad(tmp_path / "p.h5ad").uns["gil"]["partial_model"]
   assert _digest(path) == digest
+
+
+# ------------------------------------------------------------------ verified checkpoints
+
+def _flip_a_bit(workdir: str, step: int) -> None:
+  """Rewrites `step` with one bit of one parameter flipped and the original metadata (what a
+  silently damaged disk gives: readable files, other values)."""
+  ck = checkpoint.Checkpointer(workdir)
+  meta = ck.read_meta(step)
+  raw = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = jax.tree.map(np.array, raw["state"])  # writable copies
+  leaf = state["params"]["decoder"]["attn"]["out"]["kernel"]
+  leaf.reshape(-1).view(np.uint32)[0] ^= 1 << 20
+  ck.manager.delete(step)
+  ck.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+  ck.manager.wait_until_finished()
+  ck.close()
+
+
+def test_damaged_checkpoints_fall_back_to_the_previous_good_step(tmp_path, uninterrupted):
+  workdir = str(tmp_path / "w")
+  config = tiny_config(**TINY)
+  loop.train_and_evaluate(config, workdir, stop_after_steps=9, progress_bar=False)
+  _flip_a_bit(workdir, 9)
+  ck = checkpoint.Checkpointer(workdir)
+  with pytest.raises(checkpoint.integrity.CheckpointDamagedError, match="differ from the check"):
+    try:
+      ck.restore(9, checkpoint.abstract_like(loop.Runner(config, *_data_plan(config))
+                                             .initial_state()))
+    finally:
+      ck.close()
+  resumed = loop.train_and_evaluate(config, workdir, progress_bar=False)  # from step 6
+  _same_results(resumed, uninterrupted)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints.damaged", "9"))
+
+  ck = checkpoint.Checkpointer(workdir)
+  last = ck.latest_step()
+  ck.close()
+  # a finished run whose latest state is damaged rewrites its report from the metadata alone
+  state_dir = os.path.join(workdir, "checkpoints", str(last), "state")
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      if not f.startswith("_"):
+        open(os.path.join(root, f), "wb").close()
+  again = loop.train_and_evaluate(config, workdir, progress_bar=False)
+  assert again["gene_regression"] == resumed["gene_regression"]
+  # a missing meta/metadata in the latest step: back to the previous stage end, re-done
+  os.remove(os.path.join(workdir, "checkpoints", str(last), "meta", "metadata"))
+  _same_results(loop.train_and_evaluate(config, workdir, progress_bar=False), uninterrupted)
+
+
+def _data_plan(config):
+  from gil_jax import experiment
+  data = experiment.load_data(config)
+  return data, experiment.build_plan(config, data)
+
+
+# ------------------------------------------------------------------ data fingerprints
+
+def test_resume_on_changed_data_is_refused(tmp_path):
+  from gil_jax import integrity
+  path, a = _sim(tmp_path, "train.h5ad", n_cells=320, n_genes=64)
+  config = tiny_config(**TINY, **{"data.source": "h5ad", "data.files": path})
+  workdir = str(tmp_path / "w")
+  loop.train_and_evaluate(config, workdir, stop_after_steps=4, progress_bar=False)
+  other = _sim(tmp_path, "other.h5ad", n_cells=320, n_genes=64, seed=5)[1]
+  other.obs_names, other.var_names = a.obs_names, a.var_names
+  other.write_h5ad(path)  # same shape and ids, other values
+  with pytest.raises(integrity.DataChangedError, match="train.h5ad.*(size|content)"):
+    loop.train_and_evaluate(config, workdir, progress_bar=False)
+  a[:300].copy().write_h5ad(path)  # fewer cells
+  with pytest.raises(integrity.DataChangedError, match="cells of .*train.h5ad.*320 -> 300"):
+    loop.train_and_evaluate(config, workdir, progress_bar=False)

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import orbax.checkpoint as ocp
 
+from gil_jax import integrity
 from gil_jax.canal import novelty
 from gil_jax.canal.labels import UNASSIGNED
 from gil_jax.canal.model import WorkdirError, eval_step_for, latest_finished
@@ -45,6 +46,8 @@ def load_run(workdir: str) -> tuple[dict, dict]:
         state=ocp.args.StandardRestore()))["state"]
   finally:
     ckpt.close()
+  integrity.verify_tree(state, meta.get("checksums"), f"checkpoint step {step} of {workdir!r} "
+                        "(rerun the training command to rewrite it)")
   return state, meta
 
 

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from gil_jax import checkpoint, guards
+from gil_jax import checkpoint, guards, integrity
 from gil_jax.canal import bank as bank_lib
 from gil_jax.canal import loss as loss_lib  # registers canal_rkd / canal_lwf
 from gil_jax.canal import metrics, novelty, report
@@ -192,10 +192,15 @@ def _train_annotation(config, workdir, progress_bar, preempt) -> dict:
   results = {"experiment": config.experiment, "mode": c.mode, "transforms": list(annot.names),
              "bank": annot.use_bank, "stages": [],
              "accuracy_matrix": [[None] * n_stages for _ in range(1 if joint else n_stages)]}
+  data_fp = integrity.data_fingerprint(
+      [resolve_path(c.sources[n].file, config.data.data_dir) for n in c.sources], stream.data)
+  ckpt.extra_meta = {"data": data_fp}
+  _, newest = ckpt.latest_meta()
+  integrity.check_same_data((newest or {}).get("data"), data_fp, workdir)
   first, start, calib, start_seconds = 0, 0, None, 0.0
-  latest = ckpt.latest_step()
+  latest, restored, meta = ckpt.restore_good(checkpoint.abstract_like(state))
   if latest is not None:
-    state, meta = ckpt.restore(latest, checkpoint.abstract_like(state))
+    state = restored
     results, calib, progress = meta["results"], meta.get("novelty"), meta["progress"]
     if progress.get("stage_done", True):
       first = progress["stage"] + 1
