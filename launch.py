@@ -65,6 +65,8 @@ def main(argv):
   print(report.stage_table(results))
   print()
   print(report.regression_table(results))
+  print()
+  print(report.baseline_table(results))
   print(f"\naverage forgetting Δ: {results['forgetting']['average']}")
   print(f"results: {FLAGS.workdir}/results.json, report: {FLAGS.workdir}/report.md")
 

@@ -85,6 +85,10 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.train.learning_rate = 1e-3
   c.train.weight_decay = 0.0
   c.train.warmup_steps = 0
+  # 'constant' (after warm-up) | 'cosine' (warm-up, then cosine decay to 10 % of the peak over
+  # decay_steps; 0 = each stage's length in gene-incremental runs)
+  c.train.schedule = "constant"
+  c.train.decay_steps = 0
   c.train.grad_clip = 0.0           # 0 = off
   c.train.epochs_per_stage = 5
   c.train.steps_per_stage = 0       # > 0 overrides epochs_per_stage

@@ -85,6 +85,11 @@ def test_full_run_resume_and_outputs(tmp_path):
     for j in range(n):
       assert (m[i][j] is None) == (j > i)
   assert full["forgetting"]["per_stage"][-1] is None
+  reg = full["gene_regression"]
+  for name, b in reg["baselines"].items():  # trivial predictors on the same held-out tokens
+    assert [[v is None for v in row] for row in b] == [[v is None for v in row] for row in m], name
+  assert reg["ratio_to_best_baseline"][0][0] == pytest.approx(
+      m[0][0] / min(b[0][0] for b in reg["baselines"].values()))
   assert full["compilations"]["train_step"] == 1  # new stage genes never recompile the step
   for f in ("results.json", "report.md", "gene_regression.png", "forgetting.png"):
     assert os.path.exists(tmp_path / "full" / f), f

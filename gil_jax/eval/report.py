@@ -52,24 +52,60 @@ def regression_table(results: dict) -> str:
   return markdown_table(header, rows)
 
 
-def plot_regression_matrix(results: dict, path: str) -> None:
+BASELINE_LABELS = {"gene_mean": "per-gene mean", "gene_detected_mean": "per-gene detected mean",
+                   "gene_cell_offset": "gene + cell offset"}
+
+
+def baseline_table(results: dict) -> str:
+  """Model vs the trivial predictors on the same held-out tokens: each stage's genes right after
+  that stage (diagonal) and every stage's genes after the last stage (final row)."""
   reg = results["gene_regression"]
-  names = reg["stage_names"]
-  m = np.array([[np.nan if v is None else v for v in row] for row in reg["matrix"]], float)
-  fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 1.8))
-  im = ax.imshow(m, cmap="viridis_r")
+  names, base = reg["stage_names"], reg.get("baselines", {})
+  ratio = reg.get("ratio_to_best_baseline")
+  if not base or ratio is None:
+    return "(no trivial-predictor baselines in these results)"
+  n = len(names)
+  entries = [(i, i) for i in range(n)] + [(n - 1, j) for j in range(n - 1)]
+  header = ["after stage", "genes of", "model"] + [BASELINE_LABELS[b] for b in base] + [
+      "model / best trivial"]
+  rows = [[names[i], names[j], reg["matrix"][i][j]] + [base[b][i][j] for b in base] + [ratio[i][j]]
+          for i, j in entries if reg["matrix"][i][j] is not None]
+  return markdown_table(header, rows)
+
+
+def _heatmap(ax, m: np.ndarray, names: list[str], title: str, **imshow) -> None:
+  im = ax.imshow(m, **imshow)
   for i in range(m.shape[0]):
     for j in range(m.shape[1]):
       if not np.isnan(m[i, j]):
-        light = im.norm(m[i, j]) < 0.5  # viridis_r is light at the low end
+        light = im.norm(m[i, j]) < 0.5 if imshow.get("cmap") == "viridis_r" else True
         ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=9,
                 color="k" if light else "w")
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
   ax.set_yticks(range(len(names)), names)
   ax.set_xlabel("genes of stage")
   ax.set_ylabel("model after stage")
-  ax.set_title(f"gene-wise regression MSE ({results['experiment']})")
-  fig.colorbar(im, ax=ax, shrink=0.8)
+  ax.set_title(title, fontsize=10)
+  plt.colorbar(im, ax=ax, shrink=0.8)
+
+
+def plot_regression_matrix(results: dict, path: str) -> None:
+  """MSE matrix and, beside it, the model's MSE / the best trivial predictor's (< 1: better)."""
+  reg = results["gene_regression"]
+  names = reg["stage_names"]
+  as_array = lambda rows: np.array([[np.nan if v is None else v for v in row] for row in rows],
+                                   float)
+  ratio = reg.get("ratio_to_best_baseline")
+  panels = 2 if ratio is not None else 1
+  fig, axes = plt.subplots(1, panels, figsize=(panels * (1.2 * len(names) + 2.5),
+                                               1.0 * len(names) + 1.8), squeeze=False)
+  _heatmap(axes[0, 0], as_array(reg["matrix"]), names,
+           f"gene-wise regression MSE ({results['experiment']})", cmap="viridis_r")
+  if ratio is not None:
+    r = as_array(ratio)
+    span = max(0.5, float(np.nanmax(np.abs(r - 1.0)))) if np.isfinite(r).any() else 0.5
+    _heatmap(axes[0, 1], r, names, "model MSE / best trivial predictor", cmap="RdBu_r",
+             vmin=1.0 - span, vmax=1.0 + span)
   save_figure(fig, path)
 
 
@@ -98,6 +134,10 @@ def write_outputs(workdir: str, results: dict) -> None:
            "## Stages", "", stage_table(results), "",
            "## Gene-wise regression (masked MSE on each stage's genes, held-out cells)", "",
            regression_table(results), "",
+           "### Beside the trivial predictors (same held-out cells and hidden tokens)", "",
+           "Gene statistics from all training cells of the plan; ratio < 1: the model is "
+           "better than every trivial predictor.", "",
+           baseline_table(results), "",
            "![gene-wise regression](gene_regression.png)", "", "![forgetting](forgetting.png)", ""]
   for extra in results.get("report_sections", []):
     parts += [extra, ""]

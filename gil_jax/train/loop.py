@@ -60,7 +60,7 @@ class Runner:
     self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
     self.likelihood = config.train.likelihood
     self.model = build_model(config.model, self.capacity, self.likelihood)
-    self.tx = make_optimizer(config.train)
+    self.tx = make_optimizer(config.train, max(self.steps_for(s) for s in plan.stages))
     self.transform = registry.build(config)
     self.task_loss = objectives.make_task_loss(self.model, self.likelihood)
     self.loss_fn = self.transform.wrap(self.task_loss)
@@ -154,16 +154,34 @@ class Runner:
       return int(t.steps_per_stage)
     return int(t.epochs_per_stage * math.ceil(len(stage.train_cells) / self.spec.batch_size))
 
-  def regression_row(self, params, vocab: GeneVocab, upto: int, active) -> list[float | None]:
-    """MSE on each stage's genes (stages 0..upto) after training stage `upto`."""
+  def regression_row(self, params, vocab: GeneVocab, upto: int, active
+                     ) -> tuple[list[float | None], dict[str, list[float | None]]]:
+    """MSE on each stage's genes (stages 0..upto) after training stage `upto`, and the trivial
+    predictors' MSE (`regression.BASELINES`) on exactly the same held-out tokens."""
     cols = stages.eval_columns(self.data, vocab, experiment.seen_genes(self.plan, upto))
     stage_rows = [vocab.rows(s.eval_genes) for s in self.plan.stages[:upto + 1]]
     row_group = regression.stage_row_groups(self.capacity, stage_rows)
-    batches = (self.put(b, self.eval_batch_sharding) for b in batching.eval_batches(
-        self.data, self.plan.eval_cells, cols, self.eval_spec, self.config.eval.mask_seed))
-    mse = regression.pooled_mse(self.eval_step, params, batches, active,
-                                self.put(jnp.asarray(row_group), self.repl), len(self.plan.stages))
-    return [mse[j] if j <= upto else None for j in range(len(self.plan.stages))]
+    n = len(self.plan.stages)
+    trivial = regression.TrivialBaselines(*self.gene_statistics(), cols, self.capacity,
+                                          np.asarray(jax.device_get(active)), row_group, n)
+
+    def batches():
+      for b in batching.eval_batches(self.data, self.plan.eval_cells, cols, self.eval_spec,
+                                     self.config.eval.mask_seed):
+        trivial.add(b)
+        yield self.put(b, self.eval_batch_sharding)
+
+    mse = regression.pooled_mse(self.eval_step, params, batches(), active,
+                                self.put(jnp.asarray(row_group), self.repl), n)
+    upto_only = lambda row: [row[j] if j <= upto else None for j in range(n)]
+    return upto_only(mse), {name: upto_only(row) for name, row in trivial.mse().items()}
+
+  def gene_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene (mean, detected mean) over every training cell of the plan (computed once)."""
+    if not hasattr(self, "_gene_stats"):
+      cells = np.concatenate([s.train_cells for s in self.plan.stages])
+      self._gene_stats = regression.gene_statistics(self.data, cells, self.spec.normalisation)
+    return self._gene_stats
 
   def eval_step_batch_sharding(self):
     return self.eval_batch_sharding
@@ -333,8 +351,14 @@ def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt
           runner.transform.consolidate(state.transforms, state.params, end),
           runner.state_sharding.transforms))
 
-      row = runner.regression_row(state.params, vocab, k, state.active_genes)
-      results["gene_regression"]["matrix"][k] = row
+      row, trivial = runner.regression_row(state.params, vocab, k, state.active_genes)
+      reg = results["gene_regression"]
+      reg["matrix"][k] = row
+      n_stages = len(plan.stages)
+      for name, trivial_row in trivial.items():
+        reg.setdefault("baselines", {}).setdefault(
+            name, [[None] * n_stages for _ in range(n_stages)])[k] = trivial_row
+      reg["ratio_to_best_baseline"] = regression.ratio_to_best(reg["matrix"], reg["baselines"])
       final_visible = [set(s.eval_genes) <= set(plan.stages[-1].train_genes) for s in plan.stages]
       for evaluate in hooks.resolve(config.eval.stage_evaluators):
         results = evaluate(runner, state, vocab, k, results)

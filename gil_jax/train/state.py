@@ -24,11 +24,31 @@ class TrainState:
   active_genes: jnp.ndarray  # bool[capacity]: gene-table rows that may be read and updated
 
 
-def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam(W) with optional linear warm-up and global-norm clipping."""
-  lr = train_cfg.learning_rate
-  if train_cfg.warmup_steps > 0:
-    lr = optax.linear_schedule(0.0, train_cfg.learning_rate, train_cfg.warmup_steps)
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(train_cfg: ml_collections.ConfigDict, decay_steps: int | None = None):
+  """Peak `learning_rate` after a linear warm-up of `warmup_steps`; then constant, or cosine
+  decay to 10 % of the peak over `train.decay_steps` (or the caller's `decay_steps`, e.g. a
+  stage's length: the optimizer is re-created at every stage, so the schedule restarts)."""
+  peak, warm = train_cfg.learning_rate, int(train_cfg.warmup_steps)
+  schedule = train_cfg.get("schedule", "constant")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown config.train.schedule {schedule!r}; known: {SCHEDULES}")
+  if schedule == "constant":
+    return optax.linear_schedule(0.0, peak, warm) if warm > 0 else peak
+  total = int(train_cfg.get("decay_steps", 0)) or int(decay_steps or 0)
+  if total <= 0:
+    raise ValueError("config.train.schedule='cosine' needs the number of steps to decay over: "
+                     "set --config.train.decay_steps=N (or use --config.train.schedule=constant)")
+  return optax.warmup_cosine_decay_schedule(0.0, peak, max(warm, 0), max(total, warm + 1),
+                                            end_value=0.1 * peak)
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict,
+                   decay_steps: int | None = None) -> optax.GradientTransformation:
+  """Adam(W) with the `learning_rate` schedule and optional global-norm clipping."""
+  lr = learning_rate(train_cfg, decay_steps)
   if train_cfg.optimizer == "adam":
     opt = optax.adam(lr)
     if train_cfg.weight_decay:
