@@ -469,3 +469,33 @@ def test_resume_on_changed_data_is_refused(tmp_path):
   a[:300].copy().write_h5ad(path)  # fewer cells
   with pytest.raises(integrity.DataChangedError, match="cells of .*train.h5ad.*320 -> 300"):
     loop.train_and_evaluate(config, workdir, progress_bar=False)
+
+
+def test_canal_sigterm_mid_stage_resumes_exactly(canal_run, tmp_path, monkeypatch):
+  from gil_jax.canal import loop as canal_loop
+  tmp, path = canal_run
+  full = json.load(open(tmp / "run" / "results.json"))
+  init = canal_loop.Annotator.__init__
+
+  def init_with_signal(self, *a, **k):
+    init(self, *a, **k)
+    step, n = self.train_step, [0]
+
+    def signalled(state, inputs):
+      n[0] += 1
+      if n[0] == 5:  # step 2 of stage 1 (3 steps per stage)
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, inputs)
+    signalled._cache_size = step._cache_size
+    self.train_step = signalled
+
+  monkeypatch.setattr(canal_loop.Annotator, "__init__", init_with_signal)
+  workdir = str(tmp_path / "w")
+  cfg = _canal_cfg(tmp_path, path)
+  with pytest.raises(guards.Interrupted, match="SIGTERM: stopped at step 2 of 3 of stage 1"):
+    canal_loop.train_annotation(guards.load_config(cfg), workdir)
+  monkeypatch.undo()
+  resumed = canal_loop.train_annotation(guards.load_config(cfg), workdir)
+  assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+  assert [s["final_loss"] for s in resumed["stages"]] == pytest.approx(
+      [s["final_loss"] for s in full["stages"]], rel=1e-5)
