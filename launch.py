@@ -25,9 +25,6 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from gil_jax import distributed, guards  # noqa: E402
-from gil_jax.checkpoint import WorkdirMismatchError  # noqa: E402
-from gil_jax.data.anndata_io import DataError  # noqa: E402
-from gil_jax.data.vocab import VocabularyError  # noqa: E402
 from gil_jax.train import loop  # noqa: E402
 from gil_jax.eval import report  # noqa: E402
 
@@ -52,13 +49,13 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   try:
     results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (DataError, VocabularyError, WorkdirMismatchError, guards.RunError) as e:
-    if os.environ.get("GIL_TRACEBACK"):
-      raise
-    guards.exit_with_error(e)  # bad input: say what and how to fix it, no traceback; exit 2
   except guards.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(guards.EXIT_INTERRUPTED)
+  except ValueError as e:
+    if not guards.is_user_error(e) or os.environ.get("GIL_TRACEBACK"):
+      raise
+    guards.exit_with_error(e)  # bad input: say what and how to fix it, no traceback; exit 2
   if jax.process_index() != 0:
     return
   print()

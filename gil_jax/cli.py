@@ -15,20 +15,14 @@ def _train(args) -> int:
   import os
   from gil_jax import guards
   from gil_jax.canal import loop, report
-  from gil_jax.canal.labels import LabelError
-  from gil_jax.canal.model import WorkdirError
-  from gil_jax.checkpoint import WorkdirMismatchError
-  from gil_jax.data.anndata_io import DataError
-  from gil_jax.data.vocab import VocabularyError
   try:
     config = _load_config(args.config, args.overrides)
     results = loop.train_annotation(config, args.workdir, progress_bar=not args.quiet)
   except guards.Interrupted as e:
     print(e, file=sys.stderr)
     return guards.EXIT_INTERRUPTED
-  except (guards.RunError, DataError, LabelError, VocabularyError, WorkdirError,
-          WorkdirMismatchError) as e:  # bad input: one line naming the problem and the fix
-    if os.environ.get("GIL_TRACEBACK"):
+  except ValueError as e:  # bad input: one line naming the problem and the fix
+    if not guards.is_user_error(e) or os.environ.get("GIL_TRACEBACK"):
       raise
     print(f"gil-jax train: error: {guards.one_line(e)}", file=sys.stderr)
     return guards.EXIT_ERROR

@@ -56,15 +56,23 @@ class Interrupted(Exception):
 USER_ERRORS = (ValueError, KeyError, OSError)
 
 
+def is_user_error(e: BaseException) -> bool:
+  """A RunError, or a ValueError of gil_jax's own kinds (DataError, VocabularyError, ...): a
+  message for the user, printed as one line."""
+  return isinstance(e, RunError) or (isinstance(e, ValueError)
+                                     and type(e).__module__.startswith("gil_jax."))
+
+
 @contextlib.contextmanager
 def user_errors(what: str) -> Iterator[None]:
   """Converts ValueError / KeyError / OSError raised while `what` (config, data and workdir
-  checks, before training) into a `RunError`, so entry points print one line."""
+  checks, before training) into a `RunError`, so entry points print one line; gil_jax's own
+  error kinds pass unchanged."""
   try:
     yield
-  except RunError:
-    raise
   except USER_ERRORS as e:
+    if is_user_error(e):
+      raise
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     raise RunError(f"{what}: {msg}") from e
 
