@@ -31,6 +31,7 @@ from gil_jax.canal.model import (AnnotState, eval_step_for, init_params, load_gi
 from gil_jax.canal.stream import Stream, build_stream
 from gil_jax.data import batching
 from gil_jax.data.vocab import GeneVocab
+from gil_jax.experiment import resolve_path
 from gil_jax.eval import baselines
 from gil_jax.losses import registry, transforms
 from gil_jax.models import build_model
