@@ -99,6 +99,7 @@ STUDIES = {
 LABEL_MAPS = {"pancreas": canal_pancreas.PANCREAS_LABELS, "pbmc": canal_pbmc.PBMC_LABELS}
 DROP = {"pancreas": "", "pbmc": "MK, HSC"}
 BASE = {"pancreas": canal_pancreas.get_config, "pbmc": canal_pbmc.get_config}
+WITHIN = "(within-study test split of the training studies)"
 METHODS = ("joint", "canal", "logistic_regression", "knn_pca")
 METHOD_NAMES = {"joint": "model, joint", "canal": "model, continual (canal)",
                 "logistic_regression": "logistic regression", "knn_pca": "kNN (k=15) on PCA"}
@@ -174,6 +175,13 @@ def figures(results: dict) -> dict:
       row["n_shared_genes"] = t.get("n_shared_genes")
       row[b] = {"accuracy": t.get("accuracy"), "macro_f1": t.get("macro_f1")}
     out[part] = row
+  # context: the within-study test split of the training studies (same run, same cells for all)
+  within = {"n_cells": a["n_test_cells"], "n_seen_type_cells": a["n_test_cells"],
+            mode: {k: a["final"][k] for k in ("accuracy", "macro_f1")}}
+  for b, be in a["baselines"].items():
+    within["n_shared_genes"] = be.get("n_genes")
+    within[b] = {k: (be.get("test") or {}).get(k) for k in ("accuracy", "macro_f1")}
+  out[WITHIN] = within
   return out
 
 
@@ -234,26 +242,36 @@ def markdown(agg: dict, meta: dict) -> str:
            "split of all other studies. Accuracy / macro-F1: cells of the held-out part whose type "
            "occurs in the training studies (argmax, no novelty rejection). Flagged novel: share of "
            "all the part's cells the run's novelty rule (validation_auto) marks Unassigned, "
-           "seen-type cells / unseen-type cells. Mean ± s.d. over seeds.", ""]
+           "seen-type cells / unseen-type cells. Mean ± s.d. over seeds. For context, the row "
+           f"{WITHIN!r} of each held-out study is the same run scored on the held-out cells of its "
+           "training studies (config.canal.test_fraction of each, never trained on; shared genes = "
+           "the whole training vocabulary).", ""]
+  n_seeds = {"joint": len(meta["seeds"]), "canal": len(meta["canal_seeds"]),
+             "logistic_regression": len(set(meta["seeds"]) | set(meta["canal_seeds"])),
+             "knn_pca": len(set(meta["seeds"]) | set(meta["canal_seeds"]))}
   methods = [m for m in METHODS if any(m in p["methods"] for t in agg.values()
                                        for s in t.values() for p in s.values())]
   for metric, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
     rows = []
     for tissue, studies in agg.items():
       for study, parts in studies.items():
-        for part, p in parts.items():
+        for part, p in sorted(parts.items(), key=lambda kv: kv[0] == WITHIN):
           rows.append([tissue, study, part, p["n_cells"], p["n_seen_type_cells"],
                        p["n_shared_genes"]] +
                       [_pm(p["methods"].get(m, {}).get(metric, (None, None))) for m in methods])
     lines += [f"## {title}", "",
               markdown_table(["tissue", "held-out study", "held-out part", "cells",
                               "seen-type cells", "shared genes"] +
-                             [METHOD_NAMES[m] for m in methods], rows), ""]
+                             [f"{METHOD_NAMES[m]} ({n_seeds[m]} seeds)" for m in methods],
+                             rows), ""]
   models = [m for m in methods if m in ("joint", "canal")]
+  header_models = [f"{METHOD_NAMES[m]} ({n_seeds[m]} seeds)" for m in models]
   rows = []
   for tissue, studies in agg.items():
     for study, parts in studies.items():
       for part, p in parts.items():
+        if part == WITHIN:
+          continue
         row = [tissue, study, part]
         for m in models:
           f = p["methods"].get(m, {})
@@ -261,8 +279,8 @@ def markdown(agg: dict, meta: dict) -> str:
                   _pm(f.get("flagged_novel_unseen", (None, None)), 2)]
         rows.append(row)
   header = ["tissue", "held-out study", "held-out part"]
-  for m in models:
-    header += [f"{METHOD_NAMES[m]}: seen types", f"{METHOD_NAMES[m]}: unseen types"]
+  for m in header_models:
+    header += [f"{m}: seen types", f"{m}: unseen types"]
   lines += ["## Fraction flagged novel", "", markdown_table(header, rows), "",
             "Dropped labels: " + "; ".join(f"{t}: {DROP[t] or 'none'}" for t in DROP) +
             ". Label maps: " + "; ".join(f"{t}: `{LABEL_MAPS[t]}`" for t in LABEL_MAPS), ""]
