@@ -108,6 +108,8 @@ class Checkpointer:
       try:
         return step, self.read_meta(step)
       except Exception as e:  # noqa: BLE001 -- any read failure: the step is damaged
+        if jax.process_count() > 1:  # processes would race to move it; report instead
+          raise
         self.set_aside(step, e)
     return None, None
 
