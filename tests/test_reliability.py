@@ -499,3 +499,17 @@ def test_canal_sigterm_mid_stage_resumes_exactly(canal_run, tmp_path, monkeypatc
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
   assert [s["final_loss"] for s in resumed["stages"]] == pytest.approx(
       [s["final_loss"] for s in full["stages"]], rel=1e-5)
+
+
+def test_no_held_out_cells_warns(tmp_path, monkeypatch, caplog):
+  class Stop(Exception):
+    pass
+
+  def stop(*a, **k):
+    raise Stop
+
+  monkeypatch.setattr(loop, "Runner", stop)  # the warning comes before any compilation
+  with caplog.at_level("WARNING", logger="gil_jax"), pytest.raises(Stop):
+    loop.train_and_evaluate(tiny_config(**TINY, **{"stages.eval_fraction": 0.0}),
+                            str(tmp_path / "w"), progress_bar=False)
+  assert "no held-out cells" in caplog.text and "eval_fraction > 0" in caplog.text
