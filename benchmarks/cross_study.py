@@ -189,14 +189,14 @@ def _stats(values: list) -> tuple[float | None, float | None]:
   v = [x for x in values if x is not None]
   if not v:
     return None, None
-  return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+  return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None
 
 
 def _pm(mean_sd: tuple, digits: int = 3) -> str:
   m, s = mean_sd
   if m is None:
     return "–"
-  return f"{m:.{digits}f}" if not s else f"{m:.{digits}f} ± {s:.{digits}f}"
+  return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def aggregate(per_seed: dict) -> dict:
