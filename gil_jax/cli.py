@@ -3,6 +3,11 @@
   gil-jax train    --config configs/canal_pancreas.py --workdir RUN [--config.canal.mode=...]
   gil-jax annotate --workdir RUN --input query.h5ad --output annotated.h5ad
   gil-jax embed    --workdir RUN --input query.h5ad --output embedded.h5ad
+
+annotate / embed refuse an existing --output (unless --overwrite), an output that is the input
+(also through a link) and a workdir whose training has not finished (unless --allow-partial).
+Exit codes: 0 done; 2 a one-line error naming the problem and the fix (GIL_TRACEBACK=1 shows the
+traceback); 3 training stopped by SIGTERM / SIGINT after a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
