@@ -216,3 +216,25 @@ def test_resumed_run_equals_uninterrupted_without_retrace(tmp_path):
                              rtol=1e-5, equal_nan=True)
   assert [s["final_train_loss"] for s in resumed["stages"]] == pytest.approx(
       [s["final_train_loss"] for s in full["stages"]], rel=1e-5)
+
+
+def test_ewc_fisher_uses_each_stages_own_task_loss():
+  """A task loss built per stage (as annotation builds one over each stage's active classes)
+  must be the one whose gradients make that stage's Fisher, not the first stage's."""
+  from gil_jax.config_base import base_config
+  from gil_jax.losses import ewc as ewc_lib
+  config = base_config()
+  config.ewc.normalize = False
+  transform = ewc_lib.ewc(config)
+  params = {"w": jnp.ones((2,), jnp.float32)}
+
+  def end(k, scale):
+    def task_loss(p, tstates, inputs, ctx):
+      return scale * jnp.sum(p["w"] * inputs["main"]), {}
+    return StageEnd(stage=k, params=params, active_genes=np.ones(4, bool), task_loss=task_loss,
+                    batches=lambda n: ({"main": jnp.array([1.0, 2.0])} for _ in range(n)))
+
+  state = transform.consolidate(transform.init(params), params, end(0, 1.0))
+  np.testing.assert_allclose(state["omega"]["w"], [1.0, 4.0])
+  state = transform.consolidate(state, params, end(1, 10.0))
+  np.testing.assert_allclose(state["omega"]["w"], [101.0, 404.0])  # 1 + 100, 4 + 400

@@ -16,6 +16,8 @@ depend on the loss scale or the batch size.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,21 +28,23 @@ from gil_jax.losses.anchors import (anchor_init, anchor_wrap, check_gamma, check
 from gil_jax.losses.transforms import LossTransform, StageEnd
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _sq_grad(task_loss, params, inputs, rng, active):
+  """Squared gradient of `task_loss` (static: a stage's own loss, e.g. over its active classes,
+  compiled once per distinct loss function)."""
+  g = jax.grad(lambda q: task_loss(q, {}, inputs, make_ctx(rng, active))[0])(params)
+  return jax.tree.map(jnp.square, g)
+
+
 def _ewc(name: str, config: ml_collections.ConfigDict) -> LossTransform:
   c = config[name]
   weight, gamma = check_weight(name, c.weight), check_gamma(name, c.gamma)
   n_batches, normalize = int(c.n_batches), bool(c.normalize)
   if n_batches < 1:
     raise ValueError(f"config.{name}.n_batches={n_batches} must be >= 1")
-  cache = {}
 
   def consolidate(own, params, end: StageEnd):
-    if "sq_grad" not in cache:  # one compilation per transform, reused by every stage
-      def sq_grad(p, inputs, rng, active):
-        g = jax.grad(lambda q: end.task_loss(q, {}, inputs, make_ctx(rng, active))[0])(p)
-        return jax.tree.map(jnp.square, g)
-      cache["sq_grad"] = jax.jit(sq_grad)
-    fisher = mean_over_batches(cache["sq_grad"], end, n_batches, params)
+    fisher = mean_over_batches(functools.partial(_sq_grad, end.task_loss), end, n_batches, params)
     if normalize:
       top = jnp.max(jnp.stack([jnp.max(x) for x in jax.tree.leaves(fisher)]))
       fisher = jax.tree.map(lambda x: x / jnp.maximum(top, 1e-30), fisher)
