@@ -16,11 +16,11 @@ from gil_jax.eval.report import _fmt, markdown_table, save_figure  # noqa: E402
 
 BASELINE_NAMES = {"logistic_regression": "logistic regression", "knn_pca": "kNN (k=15) on PCA"}
 BASELINE_NOTE = ("Baselines (gil_jax/eval/baselines.py) are fitted on the same training cells "
-                 "(all training stages, no bank) on the model's vocabulary genes (normalised values, "
-                 "0 where a source did not measure a gene): logistic regression on standardised "
-                 "features with C=1; kNN (k=15) on 50 principal components. Test-only sources: "
-                 "refitted on the genes they share with the vocabulary. No hyperparameter is chosen "
-                 "on test cells.")
+                 "(all training stages, no bank) on the model's vocabulary genes (normalised "
+                 "values, 0 where a source did not measure a gene): logistic regression on "
+                 "standardised features with C=1; kNN (k=15) on 50 principal components. "
+                 "Test-only sources: refitted on the genes they share with the vocabulary. No "
+                 "hyperparameter is chosen on test cells.")
 
 
 def plot_confusion(conf: dict, path: str, title: str) -> None:

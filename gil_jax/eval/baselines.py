@@ -31,7 +31,8 @@ def _check(x_train, y_train, x_test) -> tuple[np.ndarray, np.ndarray, np.ndarray
   x_test = x_test.toarray() if sp.issparse(x_test) else np.asarray(x_test)
   y_train = np.asarray(y_train)
   if x_train.ndim != 2 or x_test.ndim != 2:
-    raise ValueError(f"features must be 2-D (cells x genes); got {x_train.shape} and {x_test.shape}")
+    raise ValueError(f"features must be 2-D (cells x genes); got {x_train.shape} and "
+                     f"{x_test.shape}")
   if x_train.shape[1] != x_test.shape[1]:
     raise ValueError(f"train and test features differ in width ({x_train.shape[1]} vs "
                      f"{x_test.shape[1]} genes); use the same gene columns for both.")
