@@ -47,6 +47,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("methods", "baseline,replay,distill,ewc,oracle", "Comma-separated presets.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated config.seed values.")
 flags.DEFINE_string("workdir", None, "Output directory.")
+flags.DEFINE_bool("aggregate_only", False, "Tabulate the finished (method, seed) runs in "
+                  "--workdir without training the missing ones (they are listed as missing).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -69,6 +71,10 @@ def run_one(config, workdir: str) -> dict:
     json.dump({"wall_s": wall, "fingerprint": fp}, f)
   results["wall_s"] = wall
   return results
+
+
+def seeds_of(runs: list[dict]) -> list[int]:
+  return [r["seed"] for r in runs]
 
 
 def summarise(per_run: dict[str, list[dict]]) -> dict:
@@ -104,6 +110,7 @@ def summarise(per_run: dict[str, list[dict]]) -> dict:
         "max_diagonal_ratio": stat(np.array(diag_ratio)),
         "max_final_row_ratio": stat(np.array(final_ratio)),
         "final_row": [list(r["gene_regression"]["matrix"][-1]) for r in runs],
+        "seeds": seeds_of(runs),
     }
   return out
 
@@ -115,13 +122,13 @@ def _pm(s: dict) -> str:
 def markdown(summary: dict, seeds: list[int], config) -> str:
   methods = list(summary)
   stage_cols = list(summary[methods[0]]["forgetting_per_stage"])
-  header = ["method"] + [f"Δ {n}" for n in stage_cols] + [
+  header = ["method (seeds)"] + [f"Δ {n}" for n in stage_cols] + [
       "average Δ", "final avg MSE", "best trivial, final avg MSE", "max model/trivial, diagonal",
       "max model/trivial, final row", "wall s"]
   rows = []
   for m in methods:
     s = summary[m]
-    rows.append([m] + [_pm(s["forgetting_per_stage"][n]) for n in stage_cols]
+    rows.append([f"{m} (seeds {', '.join(map(str, s['seeds']))})"] + [_pm(s["forgetting_per_stage"][n]) for n in stage_cols]
                 + [_pm(s["average_forgetting"]), _pm(s["final_average_mse"]),
                    _pm(s["trivial_final_average_mse"]), _pm(s["max_diagonal_ratio"]),
                    _pm(s["max_final_row_ratio"]), f"{s['wall_s']['mean']:.0f}"])
@@ -194,12 +201,18 @@ def main(argv):
       config = FLAGS.config.copy_and_resolve_references()
       config.unlock()
       config.method, config.seed = m, s
-      results = run_one(config, os.path.join(FLAGS.workdir, m, f"seed{s}"))
+      workdir = os.path.join(FLAGS.workdir, m, f"seed{s}")
+      if FLAGS.aggregate_only and not os.path.exists(os.path.join(workdir, "wall_time.json")):
+        print(json.dumps({"method": m, "seed": s, "missing": workdir}), flush=True)
+        continue
+      results = run_one(config, workdir)
+      results["seed"] = s
       per_run.setdefault(m, []).append(results)
       print(json.dumps({"method": m, "seed": s, "average_forgetting":
                         results["forgetting"]["average"], "wall_s": round(results["wall_s"], 1)}),
             flush=True)
   summary = summarise(per_run)
+  seeds = sorted({int(sd) for m in per_run for sd in seeds_of(per_run[m])}) or seeds
   with open(os.path.join(FLAGS.workdir, "compare.json"), "w") as f:
     json.dump({"methods": methods, "seeds": seeds, "summary": summary}, f, indent=1)
   with open(os.path.join(FLAGS.workdir, "compare.md"), "w") as f:
@@ -207,7 +220,7 @@ def main(argv):
   plot(summary, os.path.join(FLAGS.workdir, "compare.png"))
   print(json.dumps({m: {"average_forgetting": summary[m]["average_forgetting"]["mean"],
                         "final_average_mse": summary[m]["final_average_mse"]["mean"]}
-                    for m in methods}, indent=1))
+                    for m in summary}, indent=1))
 
 
 if __name__ == "__main__":
