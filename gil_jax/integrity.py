@@ -93,6 +93,22 @@ def _ids_hash(ids) -> str:
   return _hash("\n".join(map(str, ids)).encode())
 
 
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "anndata",
+             "scikit-learn", "gil_jax")
+
+
+def package_versions() -> dict[str, str | None]:
+  """Installed versions of the packages results depend on (recorded in results.json)."""
+  from importlib import metadata
+  out = {}
+  for name in VERSIONED:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
 def data_fingerprint(files: list[str], data) -> dict:
   """Fingerprint of the input files and of the loaded cells (`CellData`)."""
   import scipy.sparse as sp

@@ -191,6 +191,7 @@ def _train_annotation(config, workdir, progress_bar, preempt) -> dict:
   n_stages = len(stream.stages)
   stage_names = [s.name for s in stream.stages]
   results = {"experiment": config.experiment, "mode": c.mode, "transforms": list(annot.names),
+             "versions": integrity.package_versions(),
              "bank": annot.use_bank, "stages": [],
              "accuracy_matrix": [[None] * n_stages for _ in range(1 if joint else n_stages)]}
   data_fp = integrity.data_fingerprint(

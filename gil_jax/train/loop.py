@@ -191,6 +191,7 @@ def _new_results(config, plan: stages.StagePlan) -> dict:
   n = len(plan.stages)
   names = [s.name for s in plan.stages]
   return {"experiment": config.experiment, "method": config.method,
+          "versions": integrity.package_versions(),
           "transforms": registry.transform_names(config), "stages": [],
           "gene_regression": {"stage_names": names, "matrix": [[None] * n for _ in range(n)]},
           "forgetting": {"per_stage": [None] * n, "average": None}}
