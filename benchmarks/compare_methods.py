@@ -73,6 +73,11 @@ def run_one(config, workdir: str) -> dict:
   return results
 
 
+def _ratio(results: dict, i: int, j: int) -> float:
+  v = results["gene_regression"]["ratio_to_best_baseline"][i][j]
+  return np.nan if v is None else v
+
+
 def seeds_of(runs: list[dict]) -> list[int]:
   return [r["seed"] for r in runs]
 
@@ -111,6 +116,10 @@ def summarise(per_run: dict[str, list[dict]]) -> dict:
         "max_final_row_ratio": stat(np.array(final_ratio)),
         "final_row": [list(r["gene_regression"]["matrix"][-1]) for r in runs],
         "seeds": seeds_of(runs),
+        "ratio_diagonal": {n: stat(np.array([_ratio(r, j, j) for r in runs]))
+                           for j, n in enumerate(names)},
+        "ratio_final_row": {n: stat(np.array([_ratio(r, len(names) - 1, j) for r in runs]))
+                            for j, n in enumerate(names[:-1])},
     }
   return out
 
@@ -141,7 +150,15 @@ def markdown(summary: dict, seeds: list[int], config) -> str:
     b = base["average_forgetting"]["mean"]
     lines += ["Average Δ relative to baseline: " + ", ".join(
         f"{m} {summary[m]['average_forgetting']['mean'] / b:.2f}×" for m in methods), ""]
-  lines += [significance(summary), "", "![comparison](compare.png)", ""]
+  names = summary[methods[0]]["stage_names"]
+  header = (["method (seeds)"] + [f"{n} after {n}" for n in names]
+            + [f"{n} after {names[-1]}" for n in names[:-1]])
+  rows = [[f"{m} ({', '.join(map(str, summary[m]['seeds']))})"]
+          + [_pm(summary[m]["ratio_diagonal"][n]) for n in names]
+          + [_pm(summary[m]["ratio_final_row"][n]) for n in names[:-1]] for m in methods]
+  lines += ["Model MSE / best trivial predictor, per entry (genes of a stage after a stage; < 1: "
+            "the model beats all three):", "", report.markdown_table(header, rows), "",
+            significance(summary), "", "![comparison](compare.png)", ""]
   return "\n".join(lines)
 
 
