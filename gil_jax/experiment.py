@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ml_collections
@@ -10,6 +11,22 @@ import numpy as np
 from gil_jax.data import anndata_io, downstream, pipeline, simulate, stages
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
+
+log = logging.getLogger(__name__)
+RAW_SCALE = 50.0  # values above this are not log-scale expression
+
+
+def check_value_scale(data: anndata_io.CellData, normalisation: str) -> float | None:
+  """Warns when `normalisation='none'` would feed values far above log scale (e.g. raw counts
+  or read-level values) to the model; returns the largest value checked (None: not checked)."""
+  if normalisation != "none" or not hasattr(data.X, "data") or data.X.data.size == 0:
+    return None
+  top = float(data.X.data.max())
+  if top > RAW_SCALE:
+    log.warning("config.batch.normalisation='none' but %s holds values up to %.4g, far above "
+                "log-normalised expression; use --config.batch.normalisation=log1p_cp10k (counts) "
+                "or log1p, or normalise the data first.", data.name, top)
+  return top
 
 
 def _split(s: str) -> list[str]:

@@ -150,3 +150,15 @@ def test_concat_keeps_not_measured_distinct():
   assert sub.n_cells == 2 and sub.dataset_index.tolist() == [1, 0]
   with pytest.raises(DataError, match="more than once"):
     concat([a, a], name="dup")
+
+
+def test_raw_values_without_normalisation_warn(caplog):
+  import logging
+  from gil_jax import experiment
+  from gil_jax.data.simulate import SimConfig, simulate_cell_data
+  data = simulate_cell_data(SimConfig(n_cells=50, n_genes=20, n_modules=2))
+  data.X.data[:] = 1e9
+  with caplog.at_level(logging.WARNING):
+    assert experiment.check_value_scale(data, "none") == 1e9
+    assert experiment.check_value_scale(data, "log1p_cp10k") is None
+  assert "far above log-normalised expression" in caplog.text

@@ -118,3 +118,19 @@ def test_stage_columns(data):
   np.testing.assert_array_equal(cols[keep], vocab.rows(list(data.gene_ids[keep])))
   ev = eval_columns(data, vocab, plan.stages[2].eval_genes)
   assert set(data.gene_ids[ev > 0]) == set(plan.stages[2].eval_genes)
+
+
+def test_cells_outside_every_stage_are_reported(caplog):
+  """Cells whose split value is missing (NaN) or not listed are not trained on, and a warning
+  says how many."""
+  import logging
+  from gil_jax.data import stages
+  data = simulate_cell_data(SimConfig(n_cells=300, n_genes=40, n_modules=4, n_batches=3))
+  data.obs["batch"] = data.obs["batch"].astype(object)
+  data.obs.iloc[:10, data.obs.columns.get_loc("batch")] = np.nan
+  with caplog.at_level(logging.WARNING):
+    stages.random_gene_plan(data, n_stages=2, base_fraction=0.5, eval_fraction=0.1, seed=0,
+                            base_stage=False,
+                            obs_partition=stages.ObsPartition("batch", ["batch0", "batch1"]))
+  msg = " ".join(r.getMessage() for r in caplog.records)
+  assert "match no stage's values" in msg and "have a missing value" in msg

@@ -137,6 +137,12 @@ def _obs_split(data: CellData, pool: np.ndarray, part: ObsPartition, n: int) -> 
       raise DataError(f"obs_partition: values {sorted(unknown)} not found in obs[{part.column!r}] "
                       f"of {data.name!r}; available: {sorted(set(col))[:20]}.")
     out.append(np.sort(pool[np.isin(col[pool], list(vs))]))
+  unused = len(pool) - sum(len(o) for o in out)
+  if unused:
+    missing = int(data.obs[part.column].iloc[pool].isna().sum())
+    log.warning("obs_partition on %r: %d of %d training cells match no stage's values and are "
+                "not trained on (%d of them have a missing value); list their values in "
+                "config.stages.order to use them.", part.column, unused, len(pool), missing)
   return out
 
 

@@ -232,6 +232,7 @@ def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt
     registry.transform_names(config)  # unknown names fail before any work
     hooks.resolve(config.eval.stage_evaluators)
     data = experiment.load_data(config)
+    experiment.check_value_scale(data, config.batch.normalisation)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   ckpt.check_same_experiment(config)
   data_fp = integrity.data_fingerprint(_input_files(config), data)
