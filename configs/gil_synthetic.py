@@ -7,8 +7,8 @@ types, 3 batches). A base stage on the 60% least expressed genes, then 2 stages,
 half of the most expressed genes as its stage-specific genes T_k (visible only in that stage),
 like the GIL paper's crucial genes (top cumulative expression). Cells are split by simulated
 batch (base = batch0, stage1 = batch1, stage2 = batch2), so each stage's data has its own
-gene-level shifts. Exceiver backbone (additive value encoding + depth token), masked-MSE
-objective, 20 epochs per stage with a 100-step warm-up and cosine decay, Adam reset at every
+gene-level shifts. Exceiver backbone (soft-binning value encoding, chosen by measurement: README,
+"Models that learn expression"; + depth token), masked-MSE objective, 20 epochs per stage with a 100-step warm-up and cosine decay, Adam reset at every
 stage.
 
 Pick a method with --config.method=replay|distill|ewc|oracle|... (README: methods); their
@@ -25,6 +25,7 @@ def get_config():
   c.stages.plan = "expressed"
   c.stages.obs_column = "batch"
   c.stages.order = "batch0,batch1,batch2"
+  c.model.value_encoding = "softbin"
   c.train.learning_rate = 2e-3
   c.train.epochs_per_stage = 20
   c.train.schedule = "cosine"
