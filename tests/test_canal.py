@@ -6,42 +6,20 @@ import os
 import anndata as ad
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from gil_jax.canal import annotate, bank, head, labels, loop, loss, metrics, novelty
 from gil_jax.canal.model import WorkdirError
-from gil_jax.config_base import base_config
-from gil_jax.data import simulate
 from gil_jax.data.anndata_io import DataError
+from tests.helpers import sim_h5ad, tiny_canal_config
 
 
-def _sim(tmp_path, name="sim.h5ad", **kw):
-  cfg = dict(n_cells=360, n_genes=80, n_cell_types=4, n_modules=8, n_batches=2)
-  cfg.update(kw)
-  a = simulate.simulate(simulate.SimConfig(**cfg))[0]
-  path = str(tmp_path / name)
-  a.write_h5ad(path)
-  return path, a
+_sim = sim_h5ad
 
 
 def _config(path, **canal):
-  c = base_config("exceiver")
-  c.experiment = "canal_test"
-  c.canal.sources = ml_collections.ConfigDict(dict(sim=dict(
-      file=path, label_column="cell_type", normalisation="log1p_cp10k", split_column="batch",
-      split_values="")))
-  c.genes.capacity = 128
-  c.batch.batch_size = 16
-  c.batch.n_tokens = 32
-  c.eval.batch_size = 32
-  c.model.update(d_model=16, n_heads=2, n_layers=1, n_latents=8)
-  c.canal.update(dict(hidden1=16, hidden2=8, max_classes=8, bank_size=24, novelty_mix=8,
-                      min_shared_genes=20))
-  c.train.steps_per_stage = 3
-  c.canal.update(canal)
-  return c
+  return tiny_canal_config(path, **canal)
 
 
 # ------------------------------------------------------------------ head

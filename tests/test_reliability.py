@@ -10,14 +10,13 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from gil_jax import checkpoint, guards
 from gil_jax.train import loop
-from tests.helpers import tiny_config
+from tests.helpers import sim_h5ad, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"mesh.data": 1}
@@ -256,35 +255,15 @@ def test_launch_errors_are_one_line(tmp_path, case):
 
 
 def _sim(tmp_path, name="sim.h5ad", **kw):
-  from gil_jax.data import simulate
-  cfg = dict(n_cells=240, n_genes=60, n_cell_types=4, n_modules=8, n_batches=2)
-  cfg.update(kw)
-  a = simulate.simulate(simulate.SimConfig(**cfg))[0]
-  path = str(tmp_path / name)
-  a.write_h5ad(path)
-  return path, a
+  return sim_h5ad(tmp_path, name, **{"n_cells": 240, "n_genes": 60, **kw})
 
 
 CANAL_CFG = """
-import ml_collections
-from gil_jax.config_base import base_config
+from tests.helpers import tiny_canal_config
 
 
 def get_config():
-  c = base_config("exceiver")
-  c.experiment = "canal_rel"
-  c.canal.sources = ml_collections.ConfigDict(dict(sim=dict(
-      file={path!r}, label_column="cell_type", normalisation="log1p_cp10k",
-      split_column="batch", split_values="")))
-  c.genes.capacity = 96
-  c.batch.batch_size = 16
-  c.batch.n_tokens = 32
-  c.eval.batch_size = 32
-  c.model.update(d_model=16, n_heads=2, n_layers=1, n_latents=8)
-  c.canal.update(dict(hidden1=16, hidden2=8, max_classes=8, bank_size=24, novelty_mix=8,
-                      min_shared_genes=20))
-  c.train.steps_per_stage = 3
-  return c
+  return tiny_canal_config({path!r}, experiment="canal_rel", capacity=96)
 """
 
 
