@@ -29,7 +29,8 @@ def check_value_scale(data: anndata_io.CellData, normalisation: str) -> float | 
   return top
 
 
-def _split(s: str) -> list[str]:
+def split_list(s: str) -> list[str]:
+  """A comma-separated config string -> its non-empty, stripped items."""
   return [x.strip() for x in s.split(",") if x.strip()]
 
 
@@ -50,7 +51,7 @@ def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
     return simulate.simulate_cell_data(simulate.SimConfig(**d.sim.to_dict()))
   if d.source != "h5ad":
     raise DataError(f"unknown config.data.source {d.source!r}; use 'synthetic' or 'h5ad'")
-  files = _split(d.files)
+  files = split_list(d.files)
   if not files:
     raise DataError("config.data.source='h5ad' needs config.data.files (comma-separated .h5ad "
                     "names under config.data.data_dir, or paths)")
@@ -91,7 +92,7 @@ def _load_lazy(config: ml_collections.ConfigDict, files: list[str],
 
 def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> stages.StagePlan:
   s = config.stages
-  order = _split(s.order) or None
+  order = split_list(s.order) or None
   if s.plan == "random":
     plan = stages.random_gene_plan(
         data, n_stages=s.n_stages, base_fraction=s.base_fraction, eval_fraction=s.eval_fraction,
@@ -130,8 +131,8 @@ def expressed_plan(config: ml_collections.ConfigDict,
   pool = np.random.default_rng([config.seed, 104]).permutation(order[:n_specific])
   genes = np.asarray(data.gene_ids)
   base = list(genes[np.sort(order[n_specific:])])
-  specific = [list(genes[np.sort(part)]) for part in np.array_split(pool, s.n_stages)]
-  obs_order = _split(s.order) or None
+  specific = [list(genes[np.sort(part)]) for part in np.arraysplit_list(pool, s.n_stages)]
+  obs_order = split_list(s.order) or None
   return stages.explicit_plan(
       data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,
       base_stage=s.base_stage,
@@ -158,8 +159,8 @@ def module_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) ->
   genes = np.asarray(simulate.gene_names(len(module)))
   base = list(genes[np.isin(module, ids[:n_base])])
   specific = [list(genes[np.isin(module, part)])
-              for part in np.array_split(ids[n_base:], s.n_stages)]
-  order = _split(s.order) or None
+              for part in np.arraysplit_list(ids[n_base:], s.n_stages)]
+  order = split_list(s.order) or None
   return stages.explicit_plan(
       data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,
       base_stage=s.base_stage,
@@ -182,12 +183,12 @@ def crucial_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData,
   """Plan 'crucial': one stage per downstream dataset (config.stages.order), after a base stage."""
   s = config.stages
   by_name = {ds.name: ds for ds in datasets}
-  order = _split(s.order) or [ds.name for ds in datasets]
+  order = split_list(s.order) or [ds.name for ds in datasets]
   unknown = [n for n in order if n not in by_name]
   if unknown:
     raise DataError(f"config.stages.order names {unknown}, which are not downstream datasets; "
                     f"known: {list(by_name)} (config.downstream.datasets).")
-  ratios = [float(x) for x in _split(s.cell_ratios)] or None
+  ratios = [float(x) for x in split_list(s.cell_ratios)] or None
   ranked = [downstream.top_genes(data, by_name[n].data, s.top_k, config.batch.normalisation)
             for n in order]
   return stages.crucial_gene_plan(data, ranked, order, keep_rank1=s.keep_rank1,

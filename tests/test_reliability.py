@@ -181,9 +181,9 @@ def test_sigterm_mid_stage_checkpoints_and_resume_is_identical(tmp_path, uninter
              parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
 
 
-def test_sigint_in_process_checkpoints_at_the_next_step(tmp_path, uninterrupted, monkeypatch):
-  workdir = str(tmp_path / "w")
-  init = loop.Runner.__init__
+def signal_at_step(monkeypatch, runner_cls, at: int, sig) -> None:
+  """Makes `runner_cls`'s train step send `sig` to this process on its `at`-th call."""
+  init = runner_cls.__init__
 
   def init_with_signal(self, *a, **k):
     init(self, *a, **k)
@@ -191,13 +191,18 @@ def test_sigint_in_process_checkpoints_at_the_next_step(tmp_path, uninterrupted,
 
     def signalled(state, inputs):
       n[0] += 1
-      if n[0] == 2:  # step 2 of stage 0
-        os.kill(os.getpid(), signal.SIGINT)
+      if n[0] == at:
+        os.kill(os.getpid(), sig)
       return step(state, inputs)
     signalled._cache_size = step._cache_size
     self.train_step = signalled
 
-  monkeypatch.setattr(loop.Runner, "__init__", init_with_signal)
+  monkeypatch.setattr(runner_cls, "__init__", init_with_signal)
+
+
+def test_sigint_in_process_checkpoints_at_the_next_step(tmp_path, uninterrupted, monkeypatch):
+  workdir = str(tmp_path / "w")
+  signal_at_step(monkeypatch, loop.Runner, 2, signal.SIGINT)  # step 2 of stage 0
   before = signal.getsignal(signal.SIGINT)
   with pytest.raises(guards.Interrupted, match="SIGINT: stopped at step 2 of 6 of stage 0"):
     loop.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False)
@@ -454,21 +459,7 @@ def test_canal_sigterm_mid_stage_resumes_exactly(canal_run, tmp_path, monkeypatc
   from gil_jax.canal import loop as canal_loop
   tmp, path = canal_run
   full = json.load(open(tmp / "run" / "results.json"))
-  init = canal_loop.Annotator.__init__
-
-  def init_with_signal(self, *a, **k):
-    init(self, *a, **k)
-    step, n = self.train_step, [0]
-
-    def signalled(state, inputs):
-      n[0] += 1
-      if n[0] == 5:  # step 2 of stage 1 (3 steps per stage)
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step(state, inputs)
-    signalled._cache_size = step._cache_size
-    self.train_step = signalled
-
-  monkeypatch.setattr(canal_loop.Annotator, "__init__", init_with_signal)
+  signal_at_step(monkeypatch, canal_loop.Annotator, 5, signal.SIGTERM)  # step 2 of stage 1
   workdir = str(tmp_path / "w")
   cfg = _canal_cfg(tmp_path, path)
   with pytest.raises(guards.Interrupted, match="SIGTERM: stopped at step 2 of 3 of stage 1"):

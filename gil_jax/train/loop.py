@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -162,7 +163,7 @@ class Runner:
     stage_rows = [vocab.rows(s.eval_genes) for s in self.plan.stages[:upto + 1]]
     row_group = regression.stage_row_groups(self.capacity, stage_rows)
     n = len(self.plan.stages)
-    trivial = regression.TrivialBaselines(*self.gene_statistics(), cols, self.capacity,
+    trivial = regression.TrivialBaselines(*self.gene_statistics, cols, self.capacity,
                                           np.asarray(jax.device_get(active)), row_group, n)
 
     def batches():
@@ -176,12 +177,11 @@ class Runner:
     upto_only = lambda row: [row[j] if j <= upto else None for j in range(n)]
     return upto_only(mse), {name: upto_only(row) for name, row in trivial.mse().items()}
 
+  @functools.cached_property
   def gene_statistics(self) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene (mean, detected mean) over every training cell of the plan (computed once)."""
-    if not hasattr(self, "_gene_stats"):
-      cells = np.concatenate([s.train_cells for s in self.plan.stages])
-      self._gene_stats = regression.gene_statistics(self.data, cells, self.spec.normalisation)
-    return self._gene_stats
+    """Per-gene (mean, detected mean) over every training cell of the plan (host side, once)."""
+    cells = np.concatenate([s.train_cells for s in self.plan.stages])
+    return regression.gene_statistics(self.data, cells, self.spec.normalisation)
 
   def eval_step_batch_sharding(self):
     return self.eval_batch_sharding
@@ -409,8 +409,8 @@ def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt
 def _input_files(config) -> list[str]:
   if config.data.source != "h5ad":
     return []
-  return [experiment.resolve_path(f.strip(), config.data.data_dir)
-          for f in config.data.files.split(",") if f.strip()]
+  return [experiment.resolve_path(f, config.data.data_dir)
+          for f in experiment.split_list(config.data.files)]
 
 
 def _previous_results(workdir: str) -> dict:
