@@ -131,7 +131,7 @@ def expressed_plan(config: ml_collections.ConfigDict,
   pool = np.random.default_rng([config.seed, 104]).permutation(order[:n_specific])
   genes = np.asarray(data.gene_ids)
   base = list(genes[np.sort(order[n_specific:])])
-  specific = [list(genes[np.sort(part)]) for part in np.arraysplit_list(pool, s.n_stages)]
+  specific = [list(genes[np.sort(part)]) for part in np.array_split(pool, s.n_stages)]
   obs_order = split_list(s.order) or None
   return stages.explicit_plan(
       data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,
@@ -159,7 +159,7 @@ def module_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) ->
   genes = np.asarray(simulate.gene_names(len(module)))
   base = list(genes[np.isin(module, ids[:n_base])])
   specific = [list(genes[np.isin(module, part)])
-              for part in np.arraysplit_list(ids[n_base:], s.n_stages)]
+              for part in np.array_split(ids[n_base:], s.n_stages)]
   order = split_list(s.order) or None
   return stages.explicit_plan(
       data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,

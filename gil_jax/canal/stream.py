@@ -21,14 +21,10 @@ from sklearn.model_selection import train_test_split
 from gil_jax.canal import labels as labels_lib
 from gil_jax.data import anndata_io
 from gil_jax.data.anndata_io import CellData, DataError
-from gil_jax.experiment import resolve_path
+from gil_jax.experiment import resolve_path, split_list
 
 log = logging.getLogger("gil_jax")
 SOURCE_NORMALISATIONS = ("log1p_cp10k", "log1p", "none")
-
-
-def split_list(s: str) -> list[str]:
-  return [x.strip() for x in str(s).split(",") if x.strip()]
 
 
 @dataclasses.dataclass
