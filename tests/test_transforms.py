@@ -171,6 +171,27 @@ def test_replay_cells_keep_their_own_stage_genes_and_concat_pooling():
   np.testing.assert_allclose(float(pooled), float(metrics["loss/expression"]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("plan_name", ["expressed", "random"])
+def test_replay_buffer_never_holds_base_stage_cells(tmp_path, plan_name):
+  """Every plan with a base stage (not only 'random') keeps its cells out of the buffer when
+  include_base=False: the buffer after training holds later stages' cells only."""
+  config = tiny_config(method="replay", **{"mesh.data": 1, "stages.plan": plan_name,
+                                           "train.steps_per_stage": 2})
+  loop.train_and_evaluate(config, str(tmp_path), progress_bar=False)
+  data = experiment.load_data(config)
+  plan = experiment.build_plan(config, data)
+  assert plan.base_stage and plan.stages[0].name == "base"
+  runner = loop.Runner(config, data, plan)
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  state, _ = ck.restore(ck.manager.latest_step(), checkpoint.abstract_like(runner.initial_state()))
+  ck.close()
+  buf = {k: np.asarray(v) for k, v in state.transforms["replay"].items()}
+  cells = buf["cells"][buf["valid"]]
+  assert len(cells) > 0
+  assert not np.isin(cells, plan.stages[0].train_cells).any()
+  assert (buf["stage"][buf["valid"]] > 0).all()
+
+
 def test_chain_respects_order():
   def scale(f):  # a wrapper that doubles the loss
     return lambda p, t, i, c: (lambda l, a: (2.0 * l, a))(*f(p, t, i, c))

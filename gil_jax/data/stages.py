@@ -33,6 +33,7 @@ class Stage:
 class StagePlan:
   stages: list[Stage]
   eval_cells: np.ndarray   # int64 held-out cells, never trained on
+  base_stage: bool = False  # stage 0 trains on the base genes B only (which every stage sees)
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -40,6 +41,7 @@ class StagePlan:
                     "new_genes": list(s.new_genes), "eval_genes": list(s.eval_genes),
                     "train_cells": [int(c) for c in s.train_cells]} for s in self.stages],
         "eval_cells": [int(c) for c in self.eval_cells],
+        "base_stage": bool(self.base_stage),
     }
 
   @classmethod
@@ -48,7 +50,10 @@ class StagePlan:
                     new_genes=[str(g) for g in s["new_genes"]],
                     eval_genes=[str(g) for g in s["eval_genes"]],
                     train_cells=np.asarray(s["train_cells"], np.int64)) for s in d["stages"]]
-    return cls(stages=stages, eval_cells=np.asarray(d["eval_cells"], np.int64))
+    # plans saved before `base_stage` was recorded: the base stage is the one named 'base'
+    base = d.get("base_stage", bool(stages) and stages[0].name == "base")
+    return cls(stages=stages, eval_cells=np.asarray(d["eval_cells"], np.int64),
+               base_stage=bool(base))
 
   def check(self, data: CellData, min_cells: int = 1) -> None:
     """Raises DataError for a stage without enough cells or genes, or with unknown genes/cells."""
@@ -175,7 +180,7 @@ def _gene_plan(data: CellData, base: list[str], specific: list[list[str]], names
     stages.append(Stage(name, _ordered(data, set(base) | set(t)),
                         (list(base) + list(t)) if first else list(t), list(t),
                         cells[i + int(base_stage)]))
-  return StagePlan(stages=stages, eval_cells=eval_cells)
+  return StagePlan(stages=stages, eval_cells=eval_cells, base_stage=base_stage)
 
 
 def random_gene_plan(data: CellData, n_stages: int, base_fraction: float = 0.5, *,

@@ -25,7 +25,8 @@ Mixing (``mode``):
   weighted so that, in expectation, replayed : current positions = |buffer| : |stage data| --
   the gradient of training on the shuffled concatenation, with lower variance.
 
-The base stage (stage 0 of a plan with ``config.stages.base_stage``) trains only on B, which every
+The base stage (stage 0 of any plan that has one, `StagePlan.base_stage`: random, expressed,
+modules, crucial) trains only on B, which every
 later stage sees anyway; it is replayed only with ``include_base=True``.
 
 ``oracle`` = replay of *all* earlier cells (no buffer; read from the plan), including the base
@@ -75,7 +76,6 @@ def _build(name: str, config: ml_collections.ConfigDict, replay_all: bool) -> Lo
   if n_rep < 1:
     raise ValueError(f"config.{name}.batch_size={c.batch_size} must be >= 1 (0 = "
                      "config.batch.batch_size)")
-  base_stage = bool(config.stages.base_stage) and config.stages.plan == "random"
   include_base = bool(c.include_base)
   seed = int(config.seed)
   cap = 1
@@ -87,8 +87,8 @@ def _build(name: str, config: ml_collections.ConfigDict, replay_all: bool) -> Lo
   cap_state = max(cap, 1)  # arrays of size >= 1; buffer_size=0 keeps `valid` all False
   columns_cache: dict = {}
 
-  def skip(k: int) -> bool:
-    return k == 0 and base_stage and not include_base
+  def skip(is_base_stage: bool) -> bool:
+    return is_base_stage and not include_base
 
   def init(params):
     del params
@@ -97,7 +97,7 @@ def _build(name: str, config: ml_collections.ConfigDict, replay_all: bool) -> Lo
 
   def consolidate(own, params, end: StageEnd):
     del params
-    if replay_all or cap == 0 or skip(end.stage):
+    if replay_all or cap == 0 or skip(end.base_stage):
       return own
     cells, stg, valid = (np.asarray(jax.device_get(own[k])) for k in ("cells", "stage", "valid"))
     entries = [(int(a), int(b)) for a, b, v in zip(cells, stg, valid) if v]
@@ -125,7 +125,7 @@ def _build(name: str, config: ml_collections.ConfigDict, replay_all: bool) -> Lo
   def pool(own, feed) -> tuple[np.ndarray, np.ndarray]:
     """(cells, their stage) that may be replayed at feed.stage (host copies)."""
     if replay_all:
-      ks = [k for k in range(feed.stage) if not skip(k)]
+      ks = [k for k in range(feed.stage) if not skip(k == 0 and feed.plan.base_stage)]
       if not ks:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
       cells = np.concatenate([feed.plan.stages[k].train_cells for k in ks])

@@ -40,6 +40,7 @@ class StageEnd:
   batches: Callable[[int], Any]     # batches(n) -> iterator of `inputs` dicts of the stage's data
   stage_cells: Any = None           # cell indices trained on in this stage
   stage_rows: Any = None            # gene-table rows visible in this stage
+  base_stage: bool = False          # this stage is a plan's base stage (base genes B only)
 
 
 class LossTransform(NamedTuple):

@@ -348,7 +348,8 @@ def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt
                      task_loss=runner.task_loss,
                      batches=lambda n, k=k, cols=cols, stage=stage: _consolidation_batches(
                          runner, stage, cols, k, n),
-                     stage_cells=stage.train_cells, stage_rows=cols[cols > 0])
+                     stage_cells=stage.train_cells, stage_rows=cols[cols > 0],
+                     base_stage=k == 0 and plan.base_stage)
       state = state.replace(transforms=jax.device_put(
           runner.transform.consolidate(state.transforms, state.params, end),
           runner.state_sharding.transforms))
