@@ -4,7 +4,7 @@
       --workdir runs/canal_compare --data_dir ../shared/data \
       [--modes canal,finetune,replay,distill,lwf,ewc,joint] [--config.a.b=value ...]
 
-Every mode (config.canal.mode) runs the same stream, seed and step budget in `<workdir>/<mode>`;
+Every mode (config.method) runs the same stream, seed and step budget in `<workdir>/<mode>`;
 a finished mode (results.json + wall_time.json) is reused when rerun, an interrupted one resumes
 after its last finished stage. Columns: final accuracy / macro-F1 / ARI on the held-out cells of
 all training stages after the last stage, average accuracy (mean of the last row of the stage x
@@ -30,8 +30,9 @@ hostenv.use_huge_pages()  # see gil_jax/hostenv.py
 
 import numpy as np  # noqa: E402
 
-from gil_jax.canal import loop  # noqa: E402
-from gil_jax.cli import _load_config  # noqa: E402
+from gil_jax import guards  # noqa: E402
+from gil_jax.losses import registry  # noqa: E402
+from gil_jax.tasks import annotation  # noqa: E402
 from gil_jax.eval.report import markdown_table  # noqa: E402
 
 ALL_MODES = "canal,finetune,replay,distill,lwf,ewc,joint"
@@ -49,7 +50,7 @@ def run_one(config, workdir: str) -> dict:
       results["wall_s"] = json.load(f)["wall_s"]
     return results
   t0 = time.time()
-  results = loop.train_annotation(config, workdir)
+  results = annotation.train_annotation(config, workdir)
   wall = time.time() - t0
   with open(timing, "w") as f:
     json.dump({"wall_s": wall}, f)
@@ -123,16 +124,17 @@ def main(argv: list[str] | None = None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "canal_pancreas.py"))
   p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "canal_compare"))
-  p.add_argument("--modes", default=ALL_MODES, help="comma-separated config.canal.mode values")
+  p.add_argument("--modes", default=ALL_MODES, help="comma-separated config.method values (annotation presets)")
   p.add_argument("--data_dir", default="", help="folder of the .h5ad files (config.data.data_dir)")
   args, overrides = p.parse_known_args(argv)
   command = " ".join(["python benchmarks/canal_compare.py"] + list(argv if argv is not None
                                                                     else sys.argv[1:]))
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-  bad = [m for m in modes if m not in loop.MODES]
+  known = registry.METHODS["annotation"]
+  bad = [m for m in modes if m not in known]
   if bad:
-    p.error(f"unknown modes {bad}; known: {sorted(loop.MODES)}")
-  base = _load_config(args.config, overrides)
+    p.error(f"unknown modes {bad}; known: {sorted(known)}")
+  base = guards.load_config(args.config, overrides)
   data_dir = args.data_dir or base.data.data_dir
   if not os.path.isabs(data_dir) and not os.path.isdir(data_dir):
     data_dir = os.path.join(ROOT, data_dir)  # relative to the repo root, as the configs are
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
   for m in modes:
     config = base.copy_and_resolve_references()
     with config.unlocked():
-      config.canal.mode = m
+      config.method = m
       config.data.data_dir = data_dir
     summary[m] = row(run_one(config, os.path.join(args.workdir, m)))
     print(json.dumps({"mode": m, **{k: summary[m][k] for k in METRICS}}), flush=True)

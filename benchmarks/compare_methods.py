@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from gil_jax import checkpoint  # noqa: E402
 from gil_jax.eval import report  # noqa: E402
-from gil_jax.train import loop  # noqa: E402
+from gil_jax.tasks import gil  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -65,7 +65,7 @@ def run_one(config, workdir: str) -> dict:
       results["wall_s"] = saved["wall_s"]
       return results
   t0 = time.time()
-  results = loop.train_and_evaluate(config, workdir, progress_bar=False)
+  results = gil.train_and_evaluate(config, workdir, progress_bar=False)
   wall = time.time() - t0
   with open(timing, "w") as f:
     json.dump({"wall_s": wall, "fingerprint": fp}, f)

@@ -16,7 +16,7 @@ Each run holds one study out: all its parts are test-only sources (never trained
 studies' parts are the training stages. Figures per held-out part ("split"): accuracy and macro-F1
 on its cells whose (harmonised) type occurs in the training studies, and the fraction of all its
 cells the run's novelty rule flags "Unassigned" (split by seen / unseen type), for
-  (a) the annotator trained jointly on the other studies (config.canal.mode=joint),
+  (a) the annotator trained jointly on the other studies (config.method=joint),
   (b) the continual stream over the other studies' parts in the fixed order below (mode canal),
   (c) logistic regression (standardised, C=1) and (d) kNN (k=15) on 50 principal components,
       both fitted on the same training cells on the genes the held-out part shares with the
@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 from configs import canal_pancreas, canal_pbmc  # noqa: E402
 from configs.canal_pancreas import _src  # noqa: E402
-from gil_jax.canal import loop  # noqa: E402
+from gil_jax.tasks import annotation  # noqa: E402
 from gil_jax.eval.report import markdown_table  # noqa: E402
 
 # part -> (file, label column, normalisation, layer, (obs column, value) subset or None)
@@ -139,11 +139,11 @@ def make_config(tissue: str, held_out: str, mode: str, seed: int, paths: dict[st
   c.canal.test_only = ",".join(test)
   c.canal.label_map = LABEL_MAPS[tissue]
   c.canal.drop_labels = DROP[tissue]
-  c.canal.mode = mode
+  c.method = mode
   c.canal.novelty_rule = "validation_auto"  # threshold from validation cells of training studies
   c.canal.test_fraction = 0.1
   c.canal.val_fraction = 0.1
-  c.canal.epochs_per_stage = epochs
+  c.train.epochs_per_stage = epochs
   return c
 
 
@@ -153,7 +153,7 @@ def run_one(config, workdir: str, commit: str) -> dict:
     with open(path) as f:
       return json.load(f)
   t0 = time.time()
-  results = loop.train_annotation(config, workdir)
+  results = annotation.train_annotation(config, workdir)
   results["wall_s"] = round(time.time() - t0, 1)
   results["commit"] = commit
   with open(path, "w") as f:  # with wall time
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"))
   p.add_argument("--out", default=os.path.join(ROOT, "runs", "cross_study"))
   p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--modes", default="joint,canal", help="config.canal.mode values: joint,canal")
+  p.add_argument("--modes", default="joint,canal", help="config.method values: joint,canal")
   p.add_argument("--tissues", default="pancreas,pbmc")
   p.add_argument("--studies", default="", help="comma-separated held-out studies (default all)")
   p.add_argument("--epochs", type=int, default=0, help="epochs per stage (0 = the config's)")
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         for tissue in tissues:
           studies = [s for s in STUDIES[tissue] if not only or s in only]
           studies = studies[:2] if args.quick else studies
-          epochs = 1 if args.quick else (args.epochs or BASE[tissue]().canal.epochs_per_stage)
+          epochs = 1 if args.quick else (args.epochs or BASE[tissue]().train.epochs_per_stage)
           for study in studies:
             config = make_config(tissue, study, mode, seed, paths, epochs)
             workdir = os.path.join(args.out, "runs", tissue, mode, f"seed{seed}", study)

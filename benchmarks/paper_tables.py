@@ -38,7 +38,7 @@ from gil_jax import checkpoint, experiment  # noqa: E402
 from gil_jax.data import stages  # noqa: E402
 from gil_jax.eval import probe  # noqa: E402
 from gil_jax.eval.report import markdown_table  # noqa: E402
-from gil_jax.train import loop  # noqa: E402
+from gil_jax.tasks import gil  # noqa: E402
 
 SETTINGS = {"2stage": gil_paper_2stage.get_config, "3stage": gil_paper_3stage.get_config}
 METHODS = ("baseline", "replay", "distill", "oracle")
@@ -80,7 +80,7 @@ def run(setting: str, method: str, out: str, data_dir: str | None, epochs: int |
   c = make_config(setting, method, data_dir, epochs, probe_opts)
   workdir = os.path.join(out, f"{setting}_{method}")
   t0 = time.time()
-  results = loop.train_and_evaluate(c, workdir, progress_bar=False)
+  results = gil.train_and_evaluate(c, workdir, progress_bar=False)
   results["wall_seconds_this_call"] = round(time.time() - t0, 1)
   results["train_seconds"] = round(sum(s["seconds"] for s in results["stages"]), 1)
   return results
@@ -110,7 +110,7 @@ def reprobe(setting: str, method: str, out: str, data_dir: str | None, probe_opt
       ends[meta["progress"]["stage"]] = step
   if plan is None:
     raise SystemExit(f"--reprobe: no checkpoints in {workdir}/checkpoints.")
-  runner = loop.Runner(c, experiment.load_data(c), plan)
+  runner = gil.Runner(c, experiment.load_data(c), plan)
   state0 = runner.initial_state()
   block: dict = {}
   t0 = time.time()

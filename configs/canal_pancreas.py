@@ -5,7 +5,7 @@ smartseq2), then Baron (CIDER subset, human+mouse: adds activated_stellate, macr
 (adds gamma). Wang is test-only (never trained on). Per-source normalisation: panc8 'lognorm'
 layer and Xin/Wang are log-normalised ('none'); Baron holds counts (log1p CP10k).
 Run: python -m gil_jax.cli train --config configs/canal_pancreas.py --workdir runs/canal_pancreas
-Baselines: --config.canal.mode=finetune|replay|distill|lwf|ewc|joint. Novelty setting:
+Baselines: --config.method=finetune|replay|distill|lwf|ewc|joint. Novelty setting:
 configs/canal_novelty.py.
 """
 
@@ -39,9 +39,10 @@ def get_config():
   c.canal.stage_order = ("panc8:celseq,panc8:celseq2,panc8:fluidigmc1,panc8:indrop,panc8:smartseq2,"
                          "baron,xin")
   c.canal.label_map = PANCREAS_LABELS
-  c.canal.mode = "canal"
+  c.task = "annotation"
+  c.method = "canal"
   c.canal.bank_size = 300
-  c.canal.epochs_per_stage = 15
+  c.train.epochs_per_stage = 15
   c.canal.max_classes = 16
   c.canal.test_fraction = 0.25
   c.canal.val_fraction = 0.1

@@ -1,6 +1,6 @@
-"""`gil-jax` console entry: train (annotation), annotate and embed.
+"""`gil-jax` console entry: train (any task), annotate and embed.
 
-  gil-jax train    --config configs/canal_pancreas.py --workdir RUN [--config.canal.mode=...]
+  gil-jax train    --config configs/X.py --workdir RUN [--config.a.b=value ...]
   gil-jax annotate --workdir RUN --input query.h5ad --output annotated.h5ad
   gil-jax embed    --workdir RUN --input query.h5ad --output embedded.h5ad
 
@@ -16,30 +16,99 @@ import argparse
 import sys
 
 
-def _train(args) -> int:
+def define_train_flags(fv, argv: list[str] | None = None) -> None:
+  """The flags of a training run (`gil-jax train`, `launch.py`) on the absl FlagValues `fv`;
+  `argv`: the command line they will parse (config_flags reads the overrides from it; default
+  sys.argv)."""
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()); "
+                                  "override fields with --config.a.b=value.", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, results.json, report.md, "
+                      "plots.", flag_values=fv)
+  flags.DEFINE_bool("quiet", False, "No progress bars.", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "Multi-process: coordinator 'host:port' "
+                      "(default: $GIL_COORDINATOR).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes "
+                       "(default: $GIL_NUM_PROCESSES or 1).", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Multi-process: this process's index "
+                       "(default: $GIL_PROCESS_ID or 0).", flag_values=fv)
+
+
+def parse_flags(fv, argv: list[str], prog: str = "") -> list[str]:
+  """absl flag parsing with one-line errors (exit 2) for a bad --config file or override: an
+  unknown field (with the closest names, or the new spelling of a renamed one) or a value of
+  the wrong type."""
   import os
   from gil_jax import guards
-  from gil_jax.canal import loop, report
   try:
-    config = _load_config(args.config, args.overrides)
-    results = loop.train_annotation(config, args.workdir, progress_bar=not args.quiet)
+    rest = fv(argv)
+    if fv["config"].present and fv["config"].value is not None:
+      fv["config"].value.lock()  # a config file that failed to load raises here
+  except Exception as e:  # noqa: BLE001 -- config_flags raises many kinds for a bad override
+    if os.environ.get("GIL_TRACEBACK"):
+      raise
+    msg = guards.one_line(e)
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+      path = argv[argv.index("--config") + 1]
+    if path and not os.path.isfile(path):
+      msg = f"config file not found: {path!r}"
+    elif path:
+      try:
+        guards.check_overrides(guards.load_config(path), argv[1:])
+      except Exception as e2:  # noqa: BLE001
+        msg = guards.one_line(e2)
+    print(f"{prog}error: {msg}", file=sys.stderr)
+    sys.exit(guards.EXIT_ERROR)
+  for name in ("config", "workdir"):
+    if fv[name].value is None:
+      print(f"{prog}error: --{name} is required", file=sys.stderr)
+      sys.exit(guards.EXIT_ERROR)
+  return rest
+
+
+def run_training(fv, prog: str = "") -> int:
+  """Trains the parsed flags' experiment (any task); the summary on process 0. Exit code."""
+  import os
+  import jax
+  from absl import logging as absl_logging
+  from gil_jax import distributed, guards, tasks
+  absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's per-save INFO lines quiet
+  # before anything touches a device: jax.distributed must be initialised first
+  distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
+  try:
+    results = tasks.train(fv.config, fv.workdir, progress_bar=not fv.quiet)
   except guards.Interrupted as e:
     print(e, file=sys.stderr)
     return guards.EXIT_INTERRUPTED
   except ValueError as e:  # bad input: one line naming the problem and the fix
     if not guards.is_user_error(e) or os.environ.get("GIL_TRACEBACK"):
       raise
-    print(f"gil-jax train: error: {guards.one_line(e)}", file=sys.stderr)
+    print(f"{prog}error: {guards.one_line(e)}", file=sys.stderr)
     return guards.EXIT_ERROR
-  print(report.console_summary(results))
-  print(f"results: {args.workdir}/results.json, report: {args.workdir}/report.md")
+  if jax.process_index() == 0:
+    print()
+    print(tasks.summary(results))
+    print(f"results: {fv.workdir}/results.json, report: {fv.workdir}/report.md")
   return 0
 
 
-def _load_config(path: str, overrides: list[str]):
-  """get_config() of a config file, with `--config.a.b=value` overrides (unknown fields fail)."""
-  from gil_jax import guards
-  return guards.load_config(path, overrides)
+def _train(argv: list[str]) -> int:
+  from absl import flags
+  fv = flags.FlagValues()
+  argv = ["gil-jax train"] + list(argv)
+  define_train_flags(fv, argv)
+  prog = "gil-jax train: "
+  try:
+    rest = parse_flags(fv, argv, prog)
+  except SystemExit as e:
+    return int(e.code or 0)
+  if len(rest) > 1:
+    print(f"{prog}error: unexpected arguments: {rest[1:]}", file=sys.stderr)
+    return 2
+  return run_training(fv, prog)
 
 
 def _annotate(args, embed_only: bool) -> int:
@@ -62,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="gil-jax", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="continual annotation training (configs/canal_*.py)")
-  t.add_argument("--config", required=True)
-  t.add_argument("--workdir", required=True)
-  t.add_argument("--quiet", action="store_true")
+  sub.add_parser("train", add_help=False,
+                 help="train any config (config.task: gil | annotation); --helpfull for flags")
   for name in ("annotate", "embed"):
     p = sub.add_parser(name, help=f"{name} a query .h5ad with a trained workdir")
     p.add_argument("--workdir", required=True)
@@ -87,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
       p.add_argument("--novelty-rule", default="run", choices=("run", "canal"),
                      help="run: the run's novelty rule and saved constants; canal: CANAL's "
                           "transductive mixup rule on this query set")
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] == "train":
+    return _train(argv[1:])
   args, rest = parser.parse_known_args(argv)
-  if args.command == "train":
-    args.overrides = rest
-    return _train(args)
   if rest:
     parser.error(f"unrecognised arguments: {rest}")
   try:

@@ -14,7 +14,12 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "gil"
   c.seed = 0
-  # Continual-learning method preset (see gil_jax/losses/registry.py) and its transforms.
+  # What is trained: 'gil' (gene-incremental, self-supervised) | 'annotation' (continual cell-type
+  # annotation, config.canal); both run through gil_jax/train/loop.py (gil_jax/tasks/).
+  c.task = "gil"
+  # Continual-learning method preset of the task (gil_jax/losses/registry.py METHODS): gil:
+  # baseline, replay, distill, ewc, online_ewc, l2, mas, oracle, replay_distill; annotation:
+  # canal, finetune, replay, distill, lwf, ewc, joint.
   c.method = "baseline"
   c.loss_transforms = ""  # comma-separated names; empty = the preset's list
   # Per-transform hyperparameters: one section per transform name (gil_jax/losses/*.py), e.g.
@@ -109,15 +114,15 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
 
-  # Continual cell-type annotation (gil_jax/canal, `gil-jax annotate`); unused by GIL runs.
+  # Continual cell-type annotation (config.task='annotation'; gil_jax/canal, `gil-jax annotate`);
+  # the method is config.method, the stage length config.train.epochs_per_stage.
   c.canal = ml_collections.ConfigDict(dict(
-      mode="canal",            # canal | finetune | replay | distill | lwf | ewc | joint
       sources=ml_collections.ConfigDict(),  # name -> {file, label_column, layer, normalisation,
                                             #   gene_column, split_column, split_values}
       stage_order="", test_only="", label_map="", drop_labels="", withhold="",
       test_fraction=0.25, val_fraction=0.1, max_classes=32, bank_size=1000,
       distill_weight=0.1, label_smoothing=0.1, lwf_weight=1.0, lwf_temperature=2.0,
       hidden1=128, hidden2=64, trainable="all", trainable_blocks=1, init_workdir="",
-      epochs_per_stage=10, novelty_rule="canal", novelty_temperature=0.8, novelty_mix=128,
+      novelty_rule="canal", novelty_temperature=0.8, novelty_mix=128,
       novelty_quantile=0.95, min_shared_genes=50))
   return c

@@ -86,9 +86,16 @@ def exit_with_error(e: BaseException, prefix: str = "error") -> None:
   sys.exit(EXIT_ERROR)
 
 
+# fields that moved: old spelling -> new spelling (named in the error for the old one)
+RENAMED = {"canal.mode": "method", "canal.epochs_per_stage": "train.epochs_per_stage"}
+
+
 def unknown_override(config, key: str) -> str | None:
   """None when `config` has the dotted field `key`; else a message naming the unknown part and
-  the closest known fields."""
+  the closest known fields (or the new spelling of a renamed field)."""
+  if key in RENAMED and unknown_override(config, RENAMED[key]) is None:
+    return (f"config.{key} was renamed: use --config.{RENAMED[key]}=... (the same values; "
+            "config.task selects the annotation methods)")
   node, path = config, []
   for part in key.split("."):
     keys = list(node.keys()) if hasattr(node, "keys") else []

@@ -45,12 +45,32 @@ def _huge_pages_possible() -> bool:
     return False
 
 
+def _accelerator_host() -> bool:
+  """JAX will run on a GPU / TPU here (its buffers are not host malloc): JAX_PLATFORMS names one,
+  or, without JAX_PLATFORMS, a CUDA or TPU plugin is installed. Checked without importing jax."""
+  import importlib.util
+  platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+  if platforms:
+    return any(p in platforms for p in ("cuda", "gpu", "rocm", "tpu"))
+  return any(importlib.util.find_spec(m) is not None
+             for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"))
+
+
+def describe() -> str:
+  """One line for a run's log: whether this process runs with huge pages, and why."""
+  if huge_pages_active():
+    return f"host malloc: huge pages on ({TUNABLE}; {OPT_OUT}=0 turns it off)"
+  return "host malloc: huge pages off (not a CPU command-line run, opted out or unavailable)"
+
+
 def use_huge_pages() -> None:
-  """Re-execute this process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. A no-op when it is
-  already set (or the user set ``glibc.malloc.hugetlb`` themselves), after one re-execution,
-  when opted out (``GIL_JAX_HUGE_PAGES=0``), or where huge pages are not available."""
+  """Re-execute this command-line process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. Only
+  entry points call it (launch.py, gil-jax, benchmarks), never a library import. A no-op when it
+  is already set (or the user set ``glibc.malloc.hugetlb`` themselves), after one
+  re-execution, when opted out (``GIL_JAX_HUGE_PAGES=0``), on accelerator hosts, or where huge
+  pages are not available."""
   if (os.environ.get(OPT_OUT, "1").lower() in ("0", "false", "off", "no")
-      or os.environ.get(REEXECED) or not sys.executable
+      or os.environ.get(REEXECED) or not sys.executable or _accelerator_host()
       or any(t.startswith("glibc.malloc.hugetlb=") for t in _tunables())
       or not _huge_pages_possible()):
     return

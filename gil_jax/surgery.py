@@ -19,24 +19,24 @@ capacity. Growing a workdir OLD into a new workdir NEW, from Python::
   import jax
   from gil_jax import checkpoint, experiment, surgery
   from gil_jax.data import stages
-  from gil_jax.train import loop
+  from gil_jax.tasks import gil
 
   ck = checkpoint.Checkpointer(OLD)
   step = ck.latest_step()
   meta = ck.read_meta(step)
   plan = stages.StagePlan.from_json(meta["plan"])
   data = experiment.load_data(config)
-  old = loop.Runner(config, data, plan)             # config = the run's config
+  old = gil.Runner(config, data, plan)             # config = the run's config
   state, _ = ck.restore(step, checkpoint.abstract_like(old.initial_state()))
   ck.close()
   big = config.copy_and_resolve_references(); big.genes.capacity = NEW_CAPACITY
-  new = loop.Runner(big, data, plan)                # its init = the fresh rows
+  new = gil.Runner(big, data, plan)                # its init = the fresh rows
   grown = surgery.grow_state(state, config.genes.capacity, NEW_CAPACITY,
                              new.initial_state().params)
   grown = jax.device_put(grown, new.state_sharding)
   vocab = experiment.stage_vocab(plan, NEW_CAPACITY, meta["progress"]["stage"])
   out = checkpoint.Checkpointer(NEW)
-  out.save(step, grown, loop._meta(big, plan, vocab, meta["results"], meta["progress"]))
+  out.save(step, grown, gil._meta(big, plan, vocab, meta["results"], meta["progress"]))
   out.close()
 
 then resume with ``python launch.py --config ... --workdir NEW --config.genes.capacity=N``

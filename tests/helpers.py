@@ -42,11 +42,13 @@ def sim_h5ad(tmp_path, name: str = "sim.h5ad", **kw):
   return path, a
 
 
-def tiny_canal_config(path: str, experiment: str = "canal_test", capacity: int = 128, **canal):
+def tiny_canal_config(path: str, experiment: str = "canal_test", capacity: int = 128,
+                      method: str = "canal", **canal):
   """A tiny annotation config over one simulated .h5ad split by batch (see `sim_h5ad`)."""
   import ml_collections
   c = base_config("exceiver")
   c.experiment = experiment
+  c.task, c.method = "annotation", method
   c.canal.sources = ml_collections.ConfigDict(dict(sim=dict(
       file=path, label_column="cell_type", normalisation="log1p_cp10k", split_column="batch",
       split_values="")))

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gil_jax.canal import annotate, bank, head, labels, loop, loss, metrics, novelty
+from gil_jax.canal import annotate, bank, head, labels, loss, metrics, novelty
+from gil_jax.canal import stream as stream_lib
+from gil_jax.tasks import annotation as loop
 from gil_jax.canal.model import WorkdirError
 from gil_jax.data.anndata_io import DataError
 from tests.helpers import sim_h5ad, tiny_canal_config
@@ -153,7 +155,7 @@ CANAL_GENES = 80  # the annotation data: 16 more genes, unknown to the GIL vocab
 
 @pytest.fixture(scope="module")
 def gil_run(tmp_path_factory):
-  from gil_jax.train.loop import train_and_evaluate
+  from gil_jax.tasks.gil import train_and_evaluate
   from tests.helpers import tiny_config
   config = tiny_config("transformer", **{
       "data.sim.n_genes": GIL_GENES, "stages.n_stages": 1, "stages.base_stage": False,
@@ -190,6 +192,22 @@ def test_training_results_and_no_recompile(trained):
   assert sum(res["stages"][-1]["bank_per_class"].values()) <= 24
 
 
+def test_sharded_annotation_matches_one_device(trained, gil_run):
+  """The fixture ran on a mesh of the 8 simulated devices (config.mesh.data=-1); one device
+  gives the same accuracy matrix and losses (float32 reduction order only)."""
+  tmp, path, _, res = trained
+  c = _config(path, withhold="type0", init_workdir=gil_run[0], trainable="last_blocks",
+              novelty_rule="validation_auto", val_fraction=0.2)
+  c.mesh.data = 1
+  one = loop.train_annotation(c, str(tmp / "one_device"))
+  assert one["accuracy_matrix"] == res["accuracy_matrix"]
+  assert [s["final_loss"] for s in one["stages"]] == pytest.approx(
+      [s["final_loss"] for s in res["stages"]], rel=1e-4)
+  c.mesh.data, c.batch.batch_size = -1, 12
+  with pytest.raises(ValueError, match="divisible by the mesh's data axis"):
+    loop.train_annotation(c, str(tmp / "indivisible"))
+
+
 def test_gil_init_loads_backbone_and_drops_unknown_genes(trained, gil_run):
   from gil_jax.canal.model import load_gil_params
   _, _, _, res = trained
@@ -217,7 +235,7 @@ def test_gil_init_loads_backbone_and_drops_unknown_genes(trained, gil_run):
 def test_vocabularies_from_scratch_activate_stage_genes_and_types(tmp_path):
   path, _ = _sim(tmp_path, n_cells=120, n_genes=30)
   c = _config(path)
-  stream = loop.build_stream(c)
+  stream = stream_lib.build_stream(c)
   vocab, labs = loop.build_vocabs(c, stream, None)
   assert len(vocab) == 30 and vocab.active_mask(0).sum() == 30
   assert labs.names == sorted(set(stream.labels[stream.stages[0].train_cells]))
@@ -287,16 +305,16 @@ def test_annotate_bad_inputs(trained, tmp_path):
 def test_training_file_label_errors(tmp_path):
   path, a = _sim(tmp_path, n_cells=60)
   with pytest.raises(DataError, match="label column 'celltype' not found"):
-    loop.build_stream(_cfg_with(path, label_column="celltype"))
+    stream_lib.build_stream(_cfg_with(path, label_column="celltype"))
   b = a.copy()
   b.obs["cell_type"] = b.obs["cell_type"].astype(object)
   b.obs.iloc[0, b.obs.columns.get_loc("cell_type")] = None
   bad = str(tmp_path / "nolab.h5ad")
   b.write_h5ad(bad)
   with pytest.raises(DataError, match="1 of .* cells have no label"):
-    loop.build_stream(_config(bad))
+    stream_lib.build_stream(_config(bad))
   with pytest.raises(labels.LabelError, match="no entry in the label map"):
-    loop.build_stream(_config(path, label_map="type0=T0; type1=T1"))
+    stream_lib.build_stream(_config(path, label_map="type0=T0; type1=T1"))
 
 
 def _cfg_with(path, **src):

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from gil_jax import checkpoint, experiment
 from gil_jax.data import anndata_io, downstream, pipeline, simulate
 from gil_jax.data.anndata_io import DataError, read_h5ad
-from gil_jax.train import loop
+from gil_jax.tasks import gil
 from tests.helpers import tiny_config
 
 SIM = dict(n_cells=240, n_genes=48, n_cell_types=3, n_modules=6, n_batches=3, seed=5)
@@ -63,7 +63,7 @@ def test_lazy_training_matches_eager(sim_file, tmp_path, plan):
     data = experiment.load_data(config)
     assert isinstance(data.X, pipeline.LazyCSRRows) == lazy
     plans[lazy] = experiment.build_plan(config, data).to_json()
-    results[lazy] = loop.train_and_evaluate(config, str(tmp_path / f"run{int(lazy)}"),
+    results[lazy] = gil.train_and_evaluate(config, str(tmp_path / f"run{int(lazy)}"),
                                             progress_bar=False)
   assert plans[True] == plans[False]
   assert results[True]["gene_regression"] == results[False]["gene_regression"]

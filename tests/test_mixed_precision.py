@@ -8,7 +8,7 @@ import pytest
 from gil_jax import experiment
 from gil_jax.data import batching, stages
 from gil_jax.losses.transforms import LossContext
-from gil_jax.train import loop
+from gil_jax.tasks import gil
 from tests.helpers import tiny_config
 
 
@@ -17,7 +17,7 @@ def test_bf16_compute_keeps_f32_state(model):
   config = tiny_config(model, **{"model.dtype": "bfloat16"})
   data = experiment.load_data(config)
   plan = experiment.build_plan(config, data)
-  runner = loop.Runner(config, data, plan)
+  runner = gil.Runner(config, data, plan)
   vocab = experiment.stage_vocab(plan, runner.capacity, 0)
   cols = stages.stage_columns(data, vocab, plan.stages[0])
   state = runner.set_active(runner.initial_state(), vocab.active_mask(0))

@@ -266,3 +266,38 @@ def test_paper_size_parameter_count():
   mlp3 = lambda out: 2 * (d * d + d) + d * out + out
   expected = layers * layer + d + (d + d + d * d + d) + mlp3(1) + mlp3(d)
   assert non_gene == expected
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_implementations_agree(cross, monkeypatch):
+  """config.model.attention picks a kernel, not the math: cpu_tiled (tiled: the batch exceeds
+  one tile), xla and the fused jax.nn.dot_product_attention path (what 'auto' takes off CPU)
+  give the same outputs and gradients; a cell without any valid key attends to nothing (0)."""
+  from gil_jax.models import attention, kernels
+  b, s, h, d = 8, 96, 4, 8
+  monkeypatch.setattr(kernels, "TILE_ELEMENTS", 4096)  # several tiles at a test's size
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  kv = jax.random.normal(k1, (b, s, 2 if cross else 3, h, d))
+  q = jax.random.normal(k2, (b, 16, h, d)) if cross else None
+  mask = jnp.arange(s)[None, :] < jnp.array([s, 5, 40, 0, 96, 1, 60, 70])[:, None]
+  n_q = 16 if cross else s
+  assert b * h * n_q * s > kernels.TILE_ELEMENTS
+
+  def loss(kv, impl, backend=None, rate=0.0, seed=None):
+    out = attention.attend(q, kv, mask, rate, seed, impl, backend)
+    return jnp.sum(jnp.sin(out)), out
+
+  (_, ref), g_ref = jax.value_and_grad(loss, has_aux=True)(kv, "cpu_tiled")
+  assert float(jnp.abs(ref[3]).max()) == 0.0 and float(jnp.abs(ref).max()) > 0.1
+  for impl, backend in (("xla", None), ("auto", "gpu")):
+    (_, out), g = jax.value_and_grad(loss, has_aux=True)(kv, impl, backend)
+    np.testing.assert_allclose(out, ref, atol=2e-5, err_msg=impl)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=2e-5, err_msg=impl)
+  seed = kernels.seed_words(jax.random.PRNGKey(3))  # dropout: same hash mask on both paths
+  drop = lambda impl: loss(kv, impl, None, 0.3, seed)[1]
+  np.testing.assert_allclose(drop("xla"), drop("cpu_tiled"), atol=2e-5)
+  assert attention.resolve("auto", True, "gpu") == "xla"
+  with pytest.raises(ValueError, match="config.model.attention"):
+    cfg = model_config("exceiver")
+    cfg.attention = "flash"
+    build_model(cfg, 32)

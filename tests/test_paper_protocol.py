@@ -11,7 +11,7 @@ from gil_jax.data import batching, downstream, stages
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.simulate import SimConfig, simulate_cell_data
 from gil_jax.eval import probe
-from gil_jax.train import loop
+from gil_jax.tasks import gil
 from tests.helpers import tiny_config
 
 
@@ -159,7 +159,7 @@ def test_classification_block_end_to_end(down_dir, tmp_path):
   tmp, _ = down_dir
   c = _protocol_config(tmp, **{"eval.stage_evaluators": "gene_classification",
                                "train.steps_per_stage": 3})
-  results = loop.train_and_evaluate(c, str(tmp_path / "run"), progress_bar=False)
+  results = gil.train_and_evaluate(c, str(tmp_path / "run"), progress_bar=False)
   block = results["gene_classification"]
   n = len(results["stages"])
   assert n == 3 and block["datasets"] == ["dA", "dB"]
@@ -185,7 +185,7 @@ def test_transformer_eight_devices_match_one(down_dir):
     c = _protocol_config(tmp, **{"mesh.data": n, "mesh.model": 1, "model.use_mvc": True})
     data = experiment.load_data(c)
     plan = experiment.build_plan(c, data)
-    runner = loop.Runner(c, data, plan)
+    runner = gil.Runner(c, data, plan)
     vocab = experiment.stage_vocab(plan, runner.capacity, 1)
     cols = stages.stage_columns(data, vocab, plan.stages[1])
     state = runner.set_active(runner.initial_state(), vocab.active_mask(1))

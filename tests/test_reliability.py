@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gil_jax import checkpoint, guards
-from gil_jax.train import loop
+from gil_jax.tasks import gil
 from tests.helpers import sim_h5ad, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +113,7 @@ def test_second_run_on_a_locked_workdir_exits_2_and_stale_lock_does_not_block(tm
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full") / "w")
-  return loop.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False)
+  return gil.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False)
 
 
 def _same_results(a: dict, b: dict) -> None:
@@ -128,8 +128,8 @@ SLOW_LAUNCH = """
 import time
 from absl import app
 import launch
-from gil_jax.train import loop
-init = loop.Runner.__init__
+from gil_jax.tasks import gil
+init = gil.Runner.__init__
 def slow_init(self, *a, **k):
   init(self, *a, **k)
   step = self.train_step
@@ -142,7 +142,7 @@ def slow_init(self, *a, **k):
     return out
   slow._cache_size = step._cache_size
   self.train_step = slow
-loop.Runner.__init__ = slow_init
+gil.Runner.__init__ = slow_init
 app.run(launch.main, flags_parser=launch.parse_flags)
 """
 
@@ -175,7 +175,7 @@ def test_sigterm_mid_stage_checkpoints_and_resume_is_identical(tmp_path, uninter
   assert progress["stage"] == 1 and not progress["stage_done"], progress
   assert progress["step_in_stage"] in (3, 4) and step == 6 + progress["step_in_stage"]
   assert f"checkpoint step {step}" in err
-  resumed = loop.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False)
+  resumed = gil.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False)
   _same_results(resumed, uninterrupted)
   json.loads(open(os.path.join(workdir, "results.json")).read(),
              parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
@@ -202,16 +202,16 @@ def signal_at_step(monkeypatch, runner_cls, at: int, sig) -> None:
 
 def test_sigint_in_process_checkpoints_at_the_next_step(tmp_path, uninterrupted, monkeypatch):
   workdir = str(tmp_path / "w")
-  signal_at_step(monkeypatch, loop.Runner, 2, signal.SIGINT)  # step 2 of stage 0
+  signal_at_step(monkeypatch, gil.Runner, 2, signal.SIGINT)  # step 2 of stage 0
   before = signal.getsignal(signal.SIGINT)
   with pytest.raises(guards.Interrupted, match="SIGINT: stopped at step 2 of 6 of stage 0"):
-    loop.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False)
+    gil.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False)
   assert signal.getsignal(signal.SIGINT) is before  # handlers restored
   monkeypatch.undo()
   ck = checkpoint.Checkpointer(workdir)
   assert ck.latest_step() == 2
   ck.close()
-  _same_results(loop.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False),
+  _same_results(gil.train_and_evaluate(tiny_config(**TINY), workdir, progress_bar=False),
                 uninterrupted)
 
 
@@ -292,11 +292,12 @@ def test_gil_jax_train_errors_are_one_line(tmp_path, capsys):
     g.write(f.read()[:2000])
   cases = {
       "unknown config field 'config.canal.mdoe'": ["--config.canal.mdoe=replay"],
-      "unknown config.canal.mode": ["--config.canal.mode=foo"],
+      "config.canal.mode was renamed: use --config.method": ["--config.canal.mode=foo"],
+      "unknown config.method 'foo'": ["--config.method=foo"],
       "label column": [f"--config.canal.sources.sim.file={nolab_path}"],
       "cannot read h5ad": [f"--config.canal.sources.sim.file={trunc}"],
       "not found": [f"--config.canal.sources.sim.file={tmp_path / 'missing.h5ad'}"],
-      "steps_per_stage": ["--config.train.steps_per_stage=0", "--config.canal.epochs_per_stage=0"],
+      "steps_per_stage": ["--config.train.steps_per_stage=0", "--config.train.epochs_per_stage=0"],
       "config file not found": None,
   }
   for expect, overrides in cases.items():
@@ -402,16 +403,16 @@ def _flip_a_bit(workdir: str, step: int) -> None:
 def test_damaged_checkpoints_fall_back_to_the_previous_good_step(tmp_path, uninterrupted):
   workdir = str(tmp_path / "w")
   config = tiny_config(**TINY)
-  loop.train_and_evaluate(config, workdir, stop_after_steps=9, progress_bar=False)
+  gil.train_and_evaluate(config, workdir, stop_after_steps=9, progress_bar=False)
   _flip_a_bit(workdir, 9)
   ck = checkpoint.Checkpointer(workdir)
   with pytest.raises(checkpoint.integrity.CheckpointDamagedError, match="differ from the check"):
     try:
-      ck.restore(9, checkpoint.abstract_like(loop.Runner(config, *_data_plan(config))
+      ck.restore(9, checkpoint.abstract_like(gil.Runner(config, *_data_plan(config))
                                              .initial_state()))
     finally:
       ck.close()
-  resumed = loop.train_and_evaluate(config, workdir, progress_bar=False)  # from step 6
+  resumed = gil.train_and_evaluate(config, workdir, progress_bar=False)  # from step 6
   _same_results(resumed, uninterrupted)
   assert os.path.isdir(os.path.join(workdir, "checkpoints.damaged", "9"))
 
@@ -424,11 +425,11 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_step(tmp_path, unint
     for f in files:
       if not f.startswith("_"):
         open(os.path.join(root, f), "wb").close()
-  again = loop.train_and_evaluate(config, workdir, progress_bar=False)
+  again = gil.train_and_evaluate(config, workdir, progress_bar=False)
   assert again["gene_regression"] == resumed["gene_regression"]
   # a missing meta/metadata in the latest step: back to the previous stage end, re-done
   os.remove(os.path.join(workdir, "checkpoints", str(last), "meta", "metadata"))
-  _same_results(loop.train_and_evaluate(config, workdir, progress_bar=False), uninterrupted)
+  _same_results(gil.train_and_evaluate(config, workdir, progress_bar=False), uninterrupted)
 
 
 def _data_plan(config):
@@ -444,28 +445,28 @@ def test_resume_on_changed_data_is_refused(tmp_path):
   path, a = _sim(tmp_path, "train.h5ad", n_cells=320, n_genes=64)
   config = tiny_config(**TINY, **{"data.source": "h5ad", "data.files": path})
   workdir = str(tmp_path / "w")
-  loop.train_and_evaluate(config, workdir, stop_after_steps=4, progress_bar=False)
+  gil.train_and_evaluate(config, workdir, stop_after_steps=4, progress_bar=False)
   other = _sim(tmp_path, "other.h5ad", n_cells=320, n_genes=64, seed=5)[1]
   other.obs_names, other.var_names = a.obs_names, a.var_names
   other.write_h5ad(path)  # same shape and ids, other values
   with pytest.raises(integrity.DataChangedError, match="train.h5ad.*(size|content)"):
-    loop.train_and_evaluate(config, workdir, progress_bar=False)
+    gil.train_and_evaluate(config, workdir, progress_bar=False)
   a[:300].copy().write_h5ad(path)  # fewer cells
   with pytest.raises(integrity.DataChangedError, match="cells of .*train.h5ad.*320 -> 300"):
-    loop.train_and_evaluate(config, workdir, progress_bar=False)
+    gil.train_and_evaluate(config, workdir, progress_bar=False)
 
 
 def test_canal_sigterm_mid_stage_resumes_exactly(canal_run, tmp_path, monkeypatch):
-  from gil_jax.canal import loop as canal_loop
+  from gil_jax.tasks import annotation
   tmp, path = canal_run
   full = json.load(open(tmp / "run" / "results.json"))
-  signal_at_step(monkeypatch, canal_loop.Annotator, 5, signal.SIGTERM)  # step 2 of stage 1
+  signal_at_step(monkeypatch, annotation.Runner, 5, signal.SIGTERM)  # step 2 of stage 1
   workdir = str(tmp_path / "w")
   cfg = _canal_cfg(tmp_path, path)
   with pytest.raises(guards.Interrupted, match="SIGTERM: stopped at step 2 of 3 of stage 1"):
-    canal_loop.train_annotation(guards.load_config(cfg), workdir)
+    annotation.train_annotation(guards.load_config(cfg), workdir)
   monkeypatch.undo()
-  resumed = canal_loop.train_annotation(guards.load_config(cfg), workdir)
+  resumed = annotation.train_annotation(guards.load_config(cfg), workdir)
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
   assert [s["final_loss"] for s in resumed["stages"]] == pytest.approx(
       [s["final_loss"] for s in full["stages"]], rel=1e-5)
@@ -478,8 +479,8 @@ def test_no_held_out_cells_warns(tmp_path, monkeypatch, caplog):
   def stop(*a, **k):
     raise Stop
 
-  monkeypatch.setattr(loop, "Runner", stop)  # the warning comes before any compilation
+  monkeypatch.setattr(gil, "Runner", stop)  # the warning comes before any compilation
   with caplog.at_level("WARNING", logger="gil_jax"), pytest.raises(Stop):
-    loop.train_and_evaluate(tiny_config(**TINY, **{"stages.eval_fraction": 0.0}),
+    gil.train_and_evaluate(tiny_config(**TINY, **{"stages.eval_fraction": 0.0}),
                             str(tmp_path / "w"), progress_bar=False)
   assert "no held-out cells" in caplog.text and "eval_fraction > 0" in caplog.text

@@ -14,7 +14,7 @@ from gil_jax import checkpoint, experiment
 from gil_jax.data import batching, stages
 from gil_jax.data.vocab import VocabularyError
 from gil_jax.models.common import is_gene_param
-from gil_jax.train import loop
+from gil_jax.tasks import gil
 from gil_jax.train.state import _path_names
 from tests.helpers import tiny_config
 
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _runner(config):
   data = experiment.load_data(config)
   plan = experiment.build_plan(config, data)
-  return loop.Runner(config, data, plan), data, plan
+  return gil.Runner(config, data, plan), data, plan
 
 
 def _stage_inputs(runner, data, plan, k, n):
@@ -77,7 +77,7 @@ def test_eight_devices_match_one():
 
 def test_full_run_resume_and_outputs(tmp_path):
   config = tiny_config()
-  full = loop.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
+  full = gil.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
   n = len(full["stages"])
   assert n == 3 and full["stages"][1]["n_new_genes"] > 0
   m = full["gene_regression"]["matrix"]
@@ -96,9 +96,9 @@ def test_full_run_resume_and_outputs(tmp_path):
 
   # Interrupt mid-stage 1 (after 6 + 3 steps), then resume with the same command.
   part = str(tmp_path / "part")
-  loop.train_and_evaluate(config, part, stop_after_steps=9, progress_bar=False)
+  gil.train_and_evaluate(config, part, stop_after_steps=9, progress_bar=False)
   assert not os.path.exists(os.path.join(part, "results.json"))
-  resumed = loop.train_and_evaluate(config, part, progress_bar=False)
+  resumed = gil.train_and_evaluate(config, part, progress_bar=False)
   np.testing.assert_allclose(np.array(resumed["gene_regression"]["matrix"], dtype=float),
                              np.array(m, dtype=float), rtol=1e-5, equal_nan=True)
   assert [s["final_train_loss"] for s in resumed["stages"]] == pytest.approx(
@@ -108,7 +108,7 @@ def test_full_run_resume_and_outputs(tmp_path):
   ck = checkpoint.Checkpointer(part)
   last = ck.latest_step()
   ck.close()
-  again = loop.train_and_evaluate(config, part, progress_bar=False)
+  again = gil.train_and_evaluate(config, part, progress_bar=False)
   assert again["gene_regression"] == resumed["gene_regression"]
   ck = checkpoint.Checkpointer(part)
   assert ck.latest_step() == last
@@ -118,7 +118,7 @@ def test_full_run_resume_and_outputs(tmp_path):
 def test_half_written_checkpoint_is_ignored(tmp_path):
   config = tiny_config()
   workdir = str(tmp_path / "w")
-  loop.train_and_evaluate(config, workdir, stop_after_steps=4, progress_bar=False)
+  gil.train_and_evaluate(config, workdir, stop_after_steps=4, progress_bar=False)
   ckdir = os.path.join(workdir, "checkpoints")
   (finished,) = [d for d in os.listdir(ckdir) if d.isdigit()]
   # What an interrupted Orbax save leaves behind: a temporary directory with partial content.
@@ -128,28 +128,28 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
   ck = checkpoint.Checkpointer(workdir)
   assert ck.latest_step() == int(finished)
   ck.close()
-  results = loop.train_and_evaluate(config, workdir, progress_bar=False)
+  results = gil.train_and_evaluate(config, workdir, progress_bar=False)
   assert len(results["stages"]) == 3
 
 
 def test_workdir_of_another_experiment_is_refused(tmp_path):
   workdir = str(tmp_path / "w")
-  loop.train_and_evaluate(tiny_config(), workdir, stop_after_steps=4, progress_bar=False)
+  gil.train_and_evaluate(tiny_config(), workdir, stop_after_steps=4, progress_bar=False)
   other = tiny_config(**{"train.learning_rate": 0.5})
   with pytest.raises(checkpoint.WorkdirMismatchError, match="train.learning_rate"):
-    loop.train_and_evaluate(other, workdir, progress_bar=False)
+    gil.train_and_evaluate(other, workdir, progress_bar=False)
 
 
 def test_gene_table_too_small_fails_before_training(tmp_path):
   config = tiny_config(**{"genes.capacity": 40})
   with pytest.raises(VocabularyError, match="config.genes.capacity"):
-    loop.train_and_evaluate(config, str(tmp_path / "w"), progress_bar=False)
+    gil.train_and_evaluate(config, str(tmp_path / "w"), progress_bar=False)
   assert not os.path.exists(tmp_path / "w" / "checkpoints" / "0")
 
 
 def test_unknown_method_lists_known(tmp_path):
   with pytest.raises(ValueError, match="known methods"):
-    loop.train_and_evaluate(tiny_config(method="nope"), str(tmp_path / "w"), progress_bar=False)
+    gil.train_and_evaluate(tiny_config(method="nope"), str(tmp_path / "w"), progress_bar=False)
 
 
 def test_launch_rejects_unknown_config_field(tmp_path):

@@ -10,7 +10,7 @@ from gil_jax import checkpoint, experiment
 from gil_jax.data import batching, stages
 from gil_jax.losses import registry
 from gil_jax.losses.transforms import LossContext, LossTransform, StageEnd, add_term, chain
-from gil_jax.train import loop
+from gil_jax.tasks import gil
 from tests.helpers import tiny_config
 
 ALL = "replay,distill,ewc,online_ewc,l2,mas"
@@ -20,7 +20,7 @@ def _setup(**overrides):
   config = tiny_config(**{"mesh.data": 1, **overrides})
   data = experiment.load_data(config)
   plan = experiment.build_plan(config, data)
-  runner = loop.Runner(config, data, plan)
+  runner = gil.Runner(config, data, plan)
   return runner, data, plan
 
 
@@ -73,8 +73,8 @@ def test_first_stage_terms_are_exact_noops():
   """Before any stage ended: distill has no teacher, anchors no importance, replay no cells."""
   runner, data, plan = _setup(loss_transforms=ALL)
   vocab, _, batches = _stage(runner, data, plan, 0)
-  feed = loop.Feed(data, plan, vocab, runner.spec, 0, 0, 0)
-  state = runner._state0
+  feed = gil.Feed(data, plan, vocab, runner.spec, 0, 0, 0)
+  state = runner.initial_state()
   inputs = runner.inputs_for(state, batches[0], feed)
   assert not inputs["replay"].cell_mask.any()
   active = vocab.active_mask(0)
@@ -95,19 +95,19 @@ def test_first_stage_terms_are_exact_noops():
 def test_replay_buffer_zero_is_a_noop():
   runner, data, plan = _setup(method="replay", **{"replay.buffer_size": 0})
   vocab, _, batches = _stage(runner, data, plan, 0)
-  end = _end(runner, runner._state0.params, vocab, 0, batches, plan)
-  states = runner.transform.consolidate(runner._state0.transforms, runner._state0.params, end)
+  end = _end(runner, runner.initial_state().params, vocab, 0, batches, plan)
+  states = runner.transform.consolidate(runner.initial_state().transforms, runner.initial_state().params, end)
   assert not np.asarray(states["replay"]["valid"]).any()
   vocab1, _, batches1 = _stage(runner, data, plan, 1)
-  feed = loop.Feed(data, plan, vocab1, runner.spec, 0, 1, 0)
-  inputs = runner.inputs_for(runner._state0.replace(transforms=states), batches1[0], feed)
+  feed = gil.Feed(data, plan, vocab1, runner.spec, 0, 1, 0)
+  inputs = runner.inputs_for(runner.initial_state().replace(transforms=states), batches1[0], feed)
   assert not inputs["replay"].cell_mask.any() and not inputs["replay_weight"].any()
 
 
 @pytest.mark.parametrize("name", ["ewc", "online_ewc", "l2", "mas", "distill"])
 def test_zero_at_anchor_and_gradient_points_to_it(name):
   runner, data, plan = _setup(loss_transforms=name)
-  state = runner._state0
+  state = runner.initial_state()
   vocab, _, batches = _stage(runner, data, plan, 0)
   anchor = _perturb(state.params, seed=3)  # a non-trivial anchor: "the params after stage 0"
   end = _end(runner, anchor, vocab, 0, batches, plan)
@@ -137,8 +137,8 @@ def optax_norm(tree):
 def test_importance_only_on_rows_active_at_the_stage_end():
   runner, data, plan = _setup(loss_transforms="ewc,l2")
   vocab, _, batches = _stage(runner, data, plan, 0)
-  end = _end(runner, runner._state0.params, vocab, 0, batches, plan)
-  tstates = runner.transform.consolidate(runner._state0.transforms, runner._state0.params, end)
+  end = _end(runner, runner.initial_state().params, vocab, 0, batches, plan)
+  tstates = runner.transform.consolidate(runner.initial_state().transforms, runner.initial_state().params, end)
   active = vocab.active_mask(0)
   for name in ("ewc", "l2"):
     emb = np.asarray(tstates[name]["omega"]["genes"]["embedding"])
@@ -150,14 +150,14 @@ def test_replay_cells_keep_their_own_stage_genes_and_concat_pooling():
   runner, data, plan = _setup(method="replay",
                               **{"replay.include_base": True, "replay.mode": "concat"})
   vocab0, _, b0 = _stage(runner, data, plan, 0)
-  end = _end(runner, runner._state0.params, vocab0, 0, b0, plan)
-  tstates = runner.transform.consolidate(runner._state0.transforms, runner._state0.params, end)
+  end = _end(runner, runner.initial_state().params, vocab0, 0, b0, plan)
+  tstates = runner.transform.consolidate(runner.initial_state().transforms, runner.initial_state().params, end)
   buf = {k: np.asarray(v) for k, v in tstates["replay"].items()}
   assert buf["valid"].sum() == min(200, len(plan.stages[0].train_cells))
   assert np.isin(buf["cells"][buf["valid"]], plan.stages[0].train_cells).all()
   vocab1, _, b1 = _stage(runner, data, plan, 1)
-  feed = loop.Feed(data, plan, vocab1, runner.spec, 0, 1, 5)
-  state = runner._state0.replace(transforms=tstates)
+  feed = gil.Feed(data, plan, vocab1, runner.spec, 0, 1, 5)
+  state = runner.initial_state().replace(transforms=tstates)
   inputs = runner.inputs_for(state, b1[0], feed)
   rep = inputs["replay"]
   assert rep.cell_mask.all()
@@ -177,11 +177,11 @@ def test_replay_buffer_never_holds_base_stage_cells(tmp_path, plan_name):
   include_base=False: the buffer after training holds later stages' cells only."""
   config = tiny_config(method="replay", **{"mesh.data": 1, "stages.plan": plan_name,
                                            "train.steps_per_stage": 2})
-  loop.train_and_evaluate(config, str(tmp_path), progress_bar=False)
+  gil.train_and_evaluate(config, str(tmp_path), progress_bar=False)
   data = experiment.load_data(config)
   plan = experiment.build_plan(config, data)
   assert plan.base_stage and plan.stages[0].name == "base"
-  runner = loop.Runner(config, data, plan)
+  runner = gil.Runner(config, data, plan)
   ck = checkpoint.Checkpointer(str(tmp_path))
   state, _ = ck.restore(ck.manager.latest_step(), checkpoint.abstract_like(runner.initial_state()))
   ck.close()
@@ -226,13 +226,13 @@ def test_state_survives_checkpoint_round_trip(tmp_path):
 def test_resumed_run_equals_uninterrupted_without_retrace(tmp_path):
   config = tiny_config(loss_transforms="replay,distill,ewc",
                        **{"mesh.data": 1, "ewc.n_batches": 2})
-  full = loop.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
+  full = gil.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
   assert full["compilations"]["train_step"] == 1  # transform state updates never recompile
   m = np.array(full["gene_regression"]["matrix"], dtype=float)
   assert np.isfinite(m[np.tril_indices(len(m))]).all()
   part = str(tmp_path / "part")
-  loop.train_and_evaluate(config, part, stop_after_steps=9, progress_bar=False)  # mid stage 1
-  resumed = loop.train_and_evaluate(config, part, progress_bar=False)
+  gil.train_and_evaluate(config, part, stop_after_steps=9, progress_bar=False)  # mid stage 1
+  resumed = gil.train_and_evaluate(config, part, progress_bar=False)
   np.testing.assert_allclose(np.array(resumed["gene_regression"]["matrix"], dtype=float), m,
                              rtol=1e-5, equal_nan=True)
   assert [s["final_train_loss"] for s in resumed["stages"]] == pytest.approx(

@@ -30,7 +30,7 @@ from gil_jax.canal.stream import normalise_values
 from gil_jax.data import anndata_io, batching
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
-from gil_jax.losses import objectives
+from gil_jax.train import step as step_lib
 from gil_jax.models import build_model
 
 
@@ -167,11 +167,8 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
     active_classes = np.asarray(state["active_classes"], bool)
     fn = eval_step_for(config.model, vocab.capacity)  # shared with training: compiled once
   else:
-    def gil_embed(p, b, g, a):
-      b = b.replace(pred_mask=np.zeros(b.pred_mask.shape, bool), values=b.targets)
-      return {"cell_emb": objectives.apply_model(backbone, p, b, g, train=False,
-                                                 rng=jax.random.PRNGKey(0))["cell_emb"]}
-    fn, active_classes = jax.jit(gil_embed), None
+    embed = step_lib.make_embed_step(backbone)
+    fn, active_classes = jax.jit(lambda p, b, g, a: {"cell_emb": embed(p, b, g)}), None
   outs = []
   for b in batching.eval_batches(data, np.arange(data.n_cells), c2r, spec,
                                  int(config.eval.mask_seed)):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gil_jax.batch import Batch
-from gil_jax.losses import objectives
+from gil_jax.train import step as step_lib
 
 MASKED_LOGIT = -1e9  # finite, so 0 * log_softmax stays 0 (no NaN) for inactive classes
 
@@ -60,10 +60,8 @@ def apply(backbone, params: dict, batch: Batch, active_genes: jnp.ndarray,
 
   Returns 'cell_emb', 'm', 'h', 'logits' (inactive classes masked) and 'probs'.
   """
-  batch = batch.replace(pred_mask=jnp.zeros_like(batch.pred_mask), values=batch.targets)
-  out = objectives.apply_model(backbone, params["backbone"], batch, active_genes, train=train,
-                               rng=rng)
-  emb = out["cell_emb"]
+  emb = step_lib.apply_visible(backbone, params["backbone"], batch, active_genes, train=train,
+                               rng=rng)["cell_emb"]
   m = manifold(params["head"], emb)
   h, z = from_manifold(params["head"], m)
   z = mask_logits(z, active_classes)

@@ -11,9 +11,6 @@ Both are `LossTransform`s of gil_jax/losses/transforms.py, registered in the reg
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,18 +19,6 @@ from gil_jax.canal import head as head_lib
 from gil_jax.losses import registry
 from gil_jax.losses.transforms import LossContext, LossTransform, StageEnd, add_term
 from gil_jax.models import build_model
-
-
-@dataclasses.dataclass(frozen=True)
-class AnnotationContext(LossContext):
-  """LossContext plus the active-class mask (bool[capacity], traced)."""
-  active_classes: Any = None
-
-
-@dataclasses.dataclass
-class AnnotationStageEnd(StageEnd):
-  """StageEnd plus the classes active at the end of the stage."""
-  active_classes: Any = None
 
 
 def smoothed_ce(logits: jnp.ndarray, labels: jnp.ndarray, active: jnp.ndarray,
@@ -58,7 +43,7 @@ def _cell_mean(x: jnp.ndarray, cell_mask: jnp.ndarray) -> jnp.ndarray:
 def make_task_loss(backbone, label_smoothing: float):
   """LossFn: label-smoothed CE on labelled real cells of inputs['main'] (aux['out'] = outputs)."""
 
-  def loss_fn(params, tstates, inputs, ctx: AnnotationContext):
+  def loss_fn(params, tstates, inputs, ctx: LossContext):
     del tstates
     batch = inputs["main"]
     out = head_lib.apply(backbone, params, batch, ctx.active_genes, ctx.active_classes,
@@ -79,10 +64,10 @@ def _teacher_state(params) -> dict:
 
 
 def _consolidate(state, params, end: StageEnd):
-  active = getattr(end, "active_classes", None)
+  active = end.active_classes
   if active is None:
-    raise ValueError("canal distillation needs the active classes at the stage end "
-                     "(AnnotationStageEnd); use it with gil_jax.canal.loop.")
+    raise ValueError("canal distillation needs a class head (StageEnd.active_classes); use it "
+                     "with an annotation config (config.task='annotation').")
   active = jnp.asarray(active, bool)
   return {"teacher": jax.tree.map(jnp.array, params),
           "n_old": jnp.sum(active).astype(jnp.float32), "old_classes": active}

@@ -1,62 +1,39 @@
-"""Annotator pieces: params (backbone + class head), optimizer with a trainable mask, the train
-state and the pure jitted steps (train with inactive classes/genes masked; eval)."""
+"""Annotator pieces: params (backbone + class head), the trainable subset, the eval step, and
+loading a backbone from a finished workdir."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-from flax import struct
 
 from gil_jax import checkpoint
-from gil_jax.batch import Batch, empty_batch
+from gil_jax.batch import empty_batch
 from gil_jax.canal import head as head_lib
-from gil_jax.canal.loss import AnnotationContext
 from gil_jax.data.vocab import GeneVocab
 from gil_jax.models import build_model
-from gil_jax.train.state import make_optimizer, mask_gene_rows
 
 TRAINABLE = ("all", "head", "last_blocks")
 
 
-@struct.dataclass
-class AnnotState:
-  step: jnp.ndarray
-  params: Any                  # {'backbone': ..., 'head': ...}
-  opt_state: Any
-  transforms: Any
-  rng: jnp.ndarray
-  active_genes: jnp.ndarray    # bool[gene capacity]
-  active_classes: jnp.ndarray  # bool[class capacity]
-  bank: Any                    # dict of int32[L] arrays (see bank.py)
-
-
 def init_params(backbone, config: ml_collections.ConfigDict, key) -> dict:
-  """Backbone + head params, initialised in one jitted call (eager flax init dispatches and
-  compiles hundreds of tiny ops: ~17 s on a loaded 2-core CPU against ~2 s jitted)."""
+  """Backbone + head params (pure and traceable: the runner jits it with the state's
+  shardings)."""
   b = empty_batch(config.batch.batch_size, config.batch.n_tokens)
   c = config.canal
-
-  def init(key):
-    kb, kd, kh = jax.random.split(key, 3)
-    bparams = backbone.init({"params": kb, "dropout": kd}, b.gene_ids, b.values, b.token_mask,
-                            b.pred_mask, False)["params"]
-    emb = jax.eval_shape(lambda p: backbone.apply({"params": p}, b.gene_ids, b.values,
-                                                  b.token_mask, b.pred_mask, False),
-                         bparams)["cell_emb"].shape[-1]
-    return {"backbone": bparams,
-            "head": head_lib.init_head(kh, emb, (c.hidden1, c.hidden2), c.max_classes)}
-
-  # runs once: XLA's backend optimisations only cost compile time here (same values)
-  return jax.jit(init).lower(key).compile({"xla_backend_optimization_level": 0})(key)
+  kb, kd, kh = jax.random.split(key, 3)
+  bparams = backbone.init({"params": kb, "dropout": kd}, b.gene_ids, b.values, b.token_mask,
+                          b.pred_mask, False)["params"]
+  emb = jax.eval_shape(lambda p: backbone.apply({"params": p}, b.gene_ids, b.values,
+                                                b.token_mask, b.pred_mask, False),
+                       bparams)["cell_emb"].shape[-1]
+  return {"backbone": bparams,
+          "head": head_lib.init_head(kh, emb, (c.hidden1, c.hidden2), c.max_classes)}
 
 
 def _block_names(bparams: dict) -> list[str]:
@@ -81,35 +58,6 @@ def trainable_labels(params: dict, mode: str, n_blocks: int) -> dict:
     return "freeze"
 
   return jax.tree_util.tree_map_with_path(label, params)
-
-
-def make_tx(config: ml_collections.ConfigDict, params: dict) -> optax.GradientTransformation:
-  labels = trainable_labels(params, config.canal.trainable, config.canal.trainable_blocks)
-  return optax.multi_transform({"train": make_optimizer(config.train),
-                                "freeze": optax.set_to_zero()}, labels)
-
-
-def mask_backbone_genes(tree: dict, active_genes) -> dict:
-  return dict(tree, backbone=mask_gene_rows(tree["backbone"], active_genes))
-
-
-def make_train_step(loss_fn, tx: optax.GradientTransformation):
-  """Pure step: (state, inputs) -> (state, metrics); shapes never depend on the active sets."""
-
-  def step(state: AnnotState, inputs: dict[str, Batch]):
-    ctx = AnnotationContext(rng=jax.random.fold_in(state.rng, state.step),
-                            active_genes=state.active_genes, step=state.step,
-                            active_classes=state.active_classes)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.transforms, inputs, ctx)
-    grads = mask_backbone_genes(grads, state.active_genes)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = mask_backbone_genes(updates, state.active_genes)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(aux["metrics"], loss=loss, grad_norm=optax.tree.norm(grads))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return step
 
 
 def make_eval_step(backbone):

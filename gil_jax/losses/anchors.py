@@ -68,22 +68,25 @@ def check_gamma(name: str, gamma: float) -> float:
   return gamma
 
 
-def make_ctx(rng: Any, active_genes: Any) -> LossContext:
+def make_ctx(rng: Any, active_genes: Any, active_classes: Any = None) -> LossContext:
   """A LossContext built inside jit (LossContext itself is not a pytree)."""
-  return LossContext(rng=rng, active_genes=active_genes, step=jnp.zeros((), jnp.int32))
+  return LossContext(rng=rng, active_genes=active_genes, step=jnp.zeros((), jnp.int32),
+                     active_classes=active_classes)
 
 
 def mean_over_batches(fn, end: StageEnd, n_batches: int, params: Any) -> Any:
-  """Mean of the pytree fn(params, inputs, rng, active_genes) over n_batches of the stage.
+  """Mean of the pytree fn(params, inputs, rng, active_genes, active_classes) over n_batches of
+  the stage (the masks at the stage end, as arrays: one compiled fn serves every stage).
 
   The dropout key is fixed by the stage index, so a resumed run computes the same statistics.
   """
   if n_batches < 1:
     raise ValueError(f"need >= 1 batch to estimate importance, got {n_batches}")
   rng, active = jax.random.PRNGKey(end.stage), jnp.asarray(end.active_genes)
+  classes = None if end.active_classes is None else jnp.asarray(end.active_classes)
   total, n = None, 0
   for inputs in end.batches(n_batches):
-    g = fn(params, inputs, rng, active)
+    g = fn(params, inputs, rng, active, classes)
     total = g if total is None else jax.tree.map(jnp.add, total, g)
     n += 1
   return jax.tree.map(lambda x: x / n, total)
@@ -115,7 +118,8 @@ def mas(config: ml_collections.ConfigDict) -> LossTransform:
   weight, gamma = check_weight("mas", c.weight), check_gamma("mas", c.gamma)
   model = build_model(config.model, config.genes.capacity, config.train.likelihood)
 
-  def output_norm(params, inputs, rng, active):
+  def output_norm(params, inputs, rng, active, active_classes):
+    del active_classes
     batch = inputs["main"]
     out = objectives.apply_model(model, params, batch, active, train=False, rng=rng)
     return objectives.masked_mean(out["pred"] ** 2, objectives.prediction_mask(batch, active))

@@ -29,10 +29,11 @@ from gil_jax.losses.transforms import LossTransform, StageEnd
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _sq_grad(task_loss, params, inputs, rng, active):
-  """Squared gradient of `task_loss` (static: a stage's own loss, e.g. over its active classes,
-  compiled once per distinct loss function)."""
-  g = jax.grad(lambda q: task_loss(q, {}, inputs, make_ctx(rng, active))[0])(params)
+def _sq_grad(task_loss, params, inputs, rng, active, active_classes):
+  """Squared gradient of `task_loss` at the stage end's masks (arrays, so a stage's own active
+  classes reach the loss; static: compiled once per task loss)."""
+  g = jax.grad(lambda q: task_loss(q, {}, inputs, make_ctx(rng, active, active_classes))[0])(
+      params)
   return jax.tree.map(jnp.square, g)
 
 

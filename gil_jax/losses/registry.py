@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import ml_collections
 
@@ -11,18 +11,51 @@ from gil_jax.losses import transforms
 # name -> builder(config) -> LossTransform. Methods modules register themselves here.
 TRANSFORMS: dict[str, Callable[[ml_collections.ConfigDict], transforms.LossTransform]] = {}
 
-# method preset -> transform names (applied in order).
-METHODS: dict[str, tuple[str, ...]] = {
-    "baseline": (),                    # Eq. 7: sequential training, no mitigation
-    "replay": ("replay",),             # Eq. 9 (config.replay)
-    "distill": ("distill",),           # Eq. 10 (config.distill; mode='feature' for embeddings)
-    "ewc": ("ewc",),                   # config.ewc
-    "online_ewc": ("online_ewc",),     # config.online_ewc
-    "l2": ("l2",),                     # config.l2
-    "mas": ("mas",),                   # config.mas
-    "oracle": ("oracle",),             # Eq. 8 as cumulative replay (config.oracle)
-    "replay_distill": ("replay", "distill"),
+
+
+class Preset(NamedTuple):
+  """A method: loss transforms (applied in order) and, for the annotation task, whether labelled
+  cells of earlier stages are replayed from the example bank and whether every stage's data
+  is trained at once (the joint upper bound)."""
+  transforms: tuple[str, ...] = ()
+  bank: bool = False
+  joint: bool = False
+
+
+# task -> method preset name -> Preset; `config.method` picks one for `config.task`.
+METHODS: dict[str, dict[str, Preset]] = {
+    "gil": {
+        "baseline": Preset(),                      # Eq. 7: sequential training, no mitigation
+        "replay": Preset(("replay",)),             # Eq. 9 (config.replay)
+        "distill": Preset(("distill",)),           # Eq. 10 (config.distill)
+        "ewc": Preset(("ewc",)),                   # config.ewc
+        "online_ewc": Preset(("online_ewc",)),     # config.online_ewc
+        "l2": Preset(("l2",)),                     # config.l2
+        "mas": Preset(("mas",)),                   # config.mas
+        "oracle": Preset(("oracle",)),             # Eq. 8 as cumulative replay (config.oracle)
+        "replay_distill": Preset(("replay", "distill")),
+    },
+    "annotation": {
+        "canal": Preset(("canal_rkd",), bank=True),  # CANAL: example bank + representation KD
+        "finetune": Preset(),
+        "replay": Preset(bank=True),                 # the example bank alone
+        "distill": Preset(("canal_rkd",)),
+        "lwf": Preset(("canal_lwf",)),
+        "ewc": Preset(("ewc",)),
+        "joint": Preset(joint=True),                 # one stage on all stages' data
+    },
 }
+
+
+def preset(config: ml_collections.ConfigDict) -> Preset:
+  """The `config.method` preset of `config.task`."""
+  task = config.get("task", "gil")
+  if task not in METHODS:
+    raise ValueError(f"unknown config.task {task!r}; known tasks: {sorted(METHODS)}")
+  if config.method not in METHODS[task]:
+    raise ValueError(f"unknown config.method {config.method!r} for config.task={task!r}; "
+                     f"known methods: {sorted(METHODS[task])}")
+  return METHODS[task][config.method]
 
 
 def register(name: str):
@@ -34,13 +67,9 @@ def register(name: str):
 
 def transform_names(config: ml_collections.ConfigDict) -> list[str]:
   """The transform list: `config.loss_transforms` if set, else the `config.method` preset."""
-  if config.method not in METHODS:
-    raise ValueError(f"unknown config.method {config.method!r}; known methods: "
-                     f"{sorted(METHODS)}")
+  names = list(preset(config).transforms)
   if config.loss_transforms:
     names = [n.strip() for n in config.loss_transforms.split(",") if n.strip()]
-  else:
-    names = list(METHODS[config.method])
   unknown = [n for n in names if n not in TRANSFORMS]
   if unknown:
     raise ValueError(f"unknown loss transform(s) {unknown} in config.loss_transforms; known: "

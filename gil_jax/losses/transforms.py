@@ -28,6 +28,7 @@ class LossContext:
   rng: Any
   active_genes: Any  # bool[capacity]
   step: Any
+  active_classes: Any = None  # bool[class capacity] for tasks with a class head, else None
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class StageEnd:
   stage_cells: Any = None           # cell indices trained on in this stage
   stage_rows: Any = None            # gene-table rows visible in this stage
   base_stage: bool = False          # this stage is a plan's base stage (base genes B only)
+  active_classes: Any = None        # bool[class capacity] at the stage end (class-head tasks)
 
 
 class LossTransform(NamedTuple):

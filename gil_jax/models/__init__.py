@@ -13,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import ml_collections
 
+from gil_jax.models import attention
 from gil_jax.models.common import GENES, compute_dtype, is_gene_param
 from gil_jax.models.exceiver import Exceiver
 from gil_jax.models.transformer import Transformer
@@ -23,10 +24,10 @@ LIKELIHOODS = ("mse", "poisson", "nb")
 _DEFAULTS = {
     "exceiver": dict(name="exceiver", d_model=64, n_latents=32, n_layers=2, n_heads=4,
                      ffn_mult=4, dropout=0.0, value_encoding="additive", n_bins=16,
-                     depth_token=True, dtype="float32"),
+                     depth_token=True, dtype="float32", attention="auto"),
     "transformer": dict(name="transformer", d_model=64, n_layers=2, n_heads=4, ffn_dim=64,
                         dropout=0.1, use_mvc=False, value_encoding="additive", n_bins=16,
-                        depth_token=True, dtype="float32"),
+                        depth_token=True, dtype="float32", attention="auto"),
 }
 MODEL_NAMES = tuple(_DEFAULTS)
 
@@ -56,7 +57,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, capacity: int,
   common = dict(capacity=int(capacity), d_model=c.d_model, n_layers=c.n_layers,
                 n_heads=c.n_heads, dropout=float(c.dropout), likelihood=likelihood,
                 dtype=compute_dtype(c.dtype), value_encoding=c.get("value_encoding", "additive"),
-                n_bins=int(c.get("n_bins", 16)), depth_token=bool(c.get("depth_token", False)))
+                n_bins=int(c.get("n_bins", 16)), depth_token=bool(c.get("depth_token", False)),
+                attention=attention.check(c.get("attention", "auto")))
   check_encoding(common["value_encoding"])
   if c.name == "exceiver":
     return Exceiver(n_latents=c.n_latents, ffn_mult=c.ffn_mult, **common)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gil_jax.models import kernels
+from gil_jax.models import attention, kernels
 
 GENES = "genes"   # name of the one top-level submodule holding every per-gene parameter
 LN_EPS = 1e-5     # PyTorch's LayerNorm eps (both reference implementations are PyTorch)
@@ -104,6 +104,7 @@ class Attention(nn.Module):
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  implementation: str = "auto"  # attention.IMPLEMENTATIONS (config.model.attention)
 
   @nn.compact
   def __call__(self, x: Array, kv: Array | None, key_mask: Array | None, train: bool) -> Array:
@@ -117,10 +118,11 @@ class Attention(nn.Module):
     rate = self.dropout_rate if use_dropout else 0.0
     seed = kernels.seed_words(self.make_rng("dropout")) if use_dropout else None
     if kv is None:
-      out = kernels.self_attention(dense((3,) + heads, "qkv")(x), key_mask, rate, seed)
+      out = attention.attend(None, dense((3,) + heads, "qkv")(x), key_mask, rate, seed,
+                             self.implementation)
     else:
-      out = kernels.cross_attention(dense(heads, "q")(x), dense((2,) + heads, "kv")(kv),
-                                    key_mask, rate, seed)
+      out = attention.attend(dense(heads, "q")(x), dense((2,) + heads, "kv")(kv), key_mask,
+                             rate, seed, self.implementation)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out",
                            dot_general=kernels.dense_dot_general)(out)
 

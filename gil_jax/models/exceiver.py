@@ -26,13 +26,14 @@ class CrossAttnBlock(nn.Module):
   ffn_mult: int
   dropout_rate: float
   dtype: Dtype
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, kv: Array, key_mask: Array | None, train: bool) -> Array:
     d = x.shape[-1]
     ln = lambda name: nn.LayerNorm(LN_EPS, dtype=self.dtype, name=name)
     drop = Dropout(self.dropout_rate, deterministic=not train)
-    h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
+    h = Attention(self.num_heads, self.dropout_rate, self.dtype, self.attention, name="attn")(
         ln("ln_q")(x), ln("ln_kv")(kv), key_mask, train)
     x = x + drop(h)
     h = MLP((self.ffn_mult * d, d), dtype=self.dtype, name="mlp")(ln("ln_mlp")(x))
@@ -45,13 +46,14 @@ class SelfAttnBlock(nn.Module):
   ffn_mult: int
   dropout_rate: float
   dtype: Dtype
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     d = x.shape[-1]
     ln = lambda name: nn.LayerNorm(LN_EPS, dtype=self.dtype, name=name)
     drop = Dropout(self.dropout_rate, deterministic=not train)
-    h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
+    h = Attention(self.num_heads, self.dropout_rate, self.dtype, self.attention, name="attn")(
         ln("ln_attn")(x), None, None, train)
     x = x + drop(h)
     h = MLP((self.ffn_mult * d, d), dtype=self.dtype, name="mlp")(ln("ln_mlp")(x))
@@ -72,13 +74,15 @@ class Exceiver(nn.Module):
   depth_token: bool = True
   likelihood: str = "mse"
   dtype: Dtype = jnp.float32
+  attention: str = "auto"  # models/attention.py IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, gene_ids: Array, values: Array, token_mask: Array, pred_mask: Array,
                train: bool, size_factors: Array | None = None) -> dict[str, Array]:
     check_encoding(self.value_encoding)
     d, dt = self.d_model, self.dtype
-    blk = dict(num_heads=self.n_heads, ffn_mult=self.ffn_mult, dropout_rate=self.dropout, dtype=dt)
+    blk = dict(num_heads=self.n_heads, ffn_mult=self.ffn_mult, dropout_rate=self.dropout, dtype=dt,
+               attention=self.attention)
     genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb", name=GENES)
     emb = genes.embed(gene_ids)                                   # [B, N, d] float32
     visible = token_mask & ~pred_mask

@@ -312,7 +312,7 @@ def _attention_bwd(rate, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _plain_attention(q, k, v, m, seed, rate):
+def plain_attention(q, k, v, m, seed, rate):
   """Whole-batch attention left to autodiff (stores the probabilities): faster on CPU when the
   batch's [B, H, Q, K] logits fit in one tile. Same math and dropout mask as the tiled kernel."""
   b, nq, h, d = q.shape
@@ -336,7 +336,7 @@ def _dispatch(q, kv, key_mask, dropout_rate, seed):
     key_mask = jnp.ones((b, nk), bool)
   if jax.default_backend() == "cpu" and b * h * nq * nk <= TILE_ELEMENTS:
     qt = kv[:, :, 0] if q is None else q
-    return _plain_attention(qt, kv[:, :, -2], kv[:, :, -1], key_mask, seed, rate)
+    return plain_attention(qt, kv[:, :, -2], kv[:, :, -1], key_mask, seed, rate)
   return _attention(q, kv, key_mask, seed, rate)
 
 

@@ -29,12 +29,13 @@ class PostLNLayer(nn.Module):
   ffn_dim: int
   dropout_rate: float
   dtype: Dtype
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Array, train: bool) -> Array:
     d = x.shape[-1]
     drop = Dropout(self.dropout_rate, deterministic=not train)
-    h = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")(
+    h = Attention(self.num_heads, self.dropout_rate, self.dtype, self.attention, name="attn")(
         x, None, key_mask, train)
     x = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="ln_attn")(x + drop(h))
     h = nn.relu(Dense(self.ffn_dim, dtype=self.dtype, name="ffn_in")(x))
@@ -56,6 +57,7 @@ class Transformer(nn.Module):
   depth_token: bool = False
   likelihood: str = "mse"
   dtype: Dtype = jnp.float32
+  attention: str = "auto"  # models/attention.py IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, gene_ids: Array, values: Array, token_mask: Array, pred_mask: Array,
@@ -78,7 +80,8 @@ class Transformer(nn.Module):
     x = jnp.concatenate([cls[:, None, :], x], axis=1)
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)
     for i in range(self.n_layers):
-      x = PostLNLayer(self.n_heads, self.ffn_dim, self.dropout, dt, name=f"layer_{i}")(
+      x = PostLNLayer(self.n_heads, self.ffn_dim, self.dropout, dt, self.attention,
+                      name=f"layer_{i}")(
           x, key_mask, train)
 
     cell_emb = x[:, 0]

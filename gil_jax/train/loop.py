@@ -1,32 +1,39 @@
-"""The stage loop: `train_and_evaluate(config, workdir)` runs, checkpoints and resumes."""
+"""The one stage loop of every task: `run(runner, workdir)` trains, checkpoints and resumes.
+
+A task (gil_jax/tasks/gil.py: gene-incremental learning; gil_jax/tasks/annotation.py: continual
+annotation) is a `Runner` subclass that supplies only what differs: its params and optimizer, its
+task loss, each stage's masks and training cells, what happens at a stage end besides the loss
+transforms' consolidation, what is evaluated after a stage, and what goes into the report. The
+`Runner` owns the mesh and shardings (from `jax.eval_shape`, so the state is created sharded),
+the jitted train step, the prefetching multi-process input pipeline; `run` owns the stage loop:
+resume (exact, mid-stage or at a stage end), progress bars with the loss, `train.log`,
+non-finite guards, mid-stage / time-based / preemption and stage-end checkpoints, consolidation,
+compile counts and results.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
-from gil_jax import checkpoint, distributed, experiment, guards, integrity, parallel
+from gil_jax import checkpoint, distributed, guards, hostenv, integrity, parallel
 from gil_jax.batch import Batch, empty_batch
-from gil_jax.data import batching, pipeline, stages
-from gil_jax.data.vocab import GeneVocab
-from gil_jax.eval import hooks, regression, report
-from gil_jax.losses import objectives, registry
-from gil_jax.losses.transforms import StageEnd
-from gil_jax.models import build_model
-from gil_jax.train.state import TrainState, init_state, make_optimizer
-from gil_jax.train.step import make_regression_eval_step, make_train_step
+from gil_jax.data import batching, pipeline
+from gil_jax.losses.transforms import LossTransform, StageEnd
+from gil_jax.train.state import TrainState
+from gil_jax.train.step import make_train_step
 
 log = logging.getLogger("gil_jax")
 
@@ -37,67 +44,153 @@ PREFETCH = 2  # train batches built (and device_put) ahead of the step, in a bac
 class Feed:
   """Host-side context handed to transforms that add extra inputs (e.g. a replay batch)."""
   data: Any
-  plan: stages.StagePlan
-  vocab: GeneVocab
+  plan: Any
+  vocab: Any
   spec: batching.BatchSpec
   seed: int
   stage: int
   step: int
 
 
-class Runner:
-  """Holds the compiled functions and static pieces of one experiment (no mutable train state)."""
+@dataclasses.dataclass
+class StageData:
+  """What stage k trains on: cells (indices into `runner.data`), data column -> gene-table row
+  map, per-cell label rows (class-head tasks), the seed offset of its batches, and which of the
+  cells are the stage's own (consolidation and the stage's statistics use only those)."""
+  cells: np.ndarray
+  columns_to_rows: np.ndarray
+  labels: np.ndarray | None = None
+  seed: int = 0
+  own_cells: np.ndarray | None = None  # the stage's own cells when `cells` adds replayed ones
 
-  def __init__(self, config: ml_collections.ConfigDict, data, plan: stages.StagePlan):
-    self.config, self.data, self.plan = config, data, plan
-    self.capacity = config.genes.capacity
+  @property
+  def stage_cells(self) -> np.ndarray:
+    return self.cells if self.own_cells is None else self.own_cells
+
+
+class Runner:
+  """Mesh, shardings and compiled step of one experiment; no mutable train state.
+
+  A subclass sets `config`, `data`, `spec`, `eval_spec`, `capacity`, `tx`, `transform` and
+  `task_loss`, implements the hooks below, and calls `self.compile()`.
+  """
+
+  task: str = ""
+  reset_opt_state: bool = False     # a fresh optimizer at every stage after the first
+  final_needs_state: bool = False   # `finish` reads the trained state (not only the results)
+  progress_bar_default: bool = True
+
+  config: ml_collections.ConfigDict
+  spec: batching.BatchSpec
+  tx: optax.GradientTransformation
+  transform: LossTransform
+
+  # ----------------------------------------------------------------------------- set-up
+
+  def compile(self) -> None:
+    """Mesh, state shardings (from the abstract state) and the jitted train step."""
+    config = self.config
+    self.loss_fn = self.transform.wrap(self.task_loss)
     self.mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_divisible(config.batch.batch_size, self.mesh)
     parallel.check_batch_divisible(config.eval.batch_size, self.mesh, "config.eval.batch_size")
-    self.spec = batching.BatchSpec(
-        batch_size=config.batch.batch_size, n_tokens=config.batch.n_tokens,
-        mask_ratio=config.batch.mask_ratio, normalisation=config.batch.normalisation,
-        sampling=config.batch.sampling, zero_tokens=config.batch.zero_tokens)
-    self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
-    self.likelihood = config.train.likelihood
-    self.model = build_model(config.model, self.capacity, self.likelihood)
-    self.tx = make_optimizer(config.train, max(self.steps_for(s) for s in plan.stages))
-    self.transform = registry.build(config)
-    self.task_loss = objectives.make_task_loss(self.model, self.likelihood)
-    self.loss_fn = self.transform.wrap(self.task_loss)
-
-    state = self.init_state()
-    self.state_sharding = parallel.state_shardings(self.mesh, state, self.capacity)
     self.repl = parallel.replicated(self.mesh)
-    self._state0 = state
-    inputs = self.inputs_for(state, empty_batch(self.spec.batch_size, self.spec.n_tokens),
+    self._key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(self.init_state, self._key)
+    self.state_sharding = parallel.state_shardings(self.mesh, abstract, self.capacity)
+    # runs once per run: XLA's backend optimisations would only add compile time (same values)
+    self._init = jax.jit(self.init_state, out_shardings=self.state_sharding).lower(
+        self._key).compile({"xla_backend_optimization_level": 0})
+    inputs = self.inputs_for(abstract, empty_batch(self.spec.batch_size, self.spec.n_tokens),
                              feed=None)
     self.inputs_sharding = parallel.batch_shardings(self.mesh, inputs)
     self.train_step = jax.jit(make_train_step(self.loss_fn, self.tx),
                               in_shardings=(self.state_sharding, self.inputs_sharding),
                               out_shardings=(self.state_sharding, self.repl),
                               donate_argnums=0)
-    n_groups = len(plan.stages)
-    eval_batch = empty_batch(self.eval_spec.batch_size, self.spec.n_tokens)
-    self.eval_batch_sharding = parallel.batch_shardings(self.mesh, eval_batch)
-    self.eval_step = jax.jit(
-        make_regression_eval_step(self.model, self.likelihood, self.spec.normalisation, n_groups),
-        in_shardings=(self.state_sharding.params,
-                      self.eval_batch_sharding, self.repl, self.repl),
-        out_shardings=(self.repl, self.repl))
+    self._opt_init = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)
 
-  def init_state(self) -> TrainState:
-    key = jax.random.PRNGKey(self.config.seed)
-    init_key, dropout_key, state_key = jax.random.split(key, 3)
-    b = empty_batch(self.spec.batch_size, self.spec.n_tokens)
-    init = jax.jit(lambda k1, k2, b: self.model.init({"params": k1, "dropout": k2}, b.gene_ids,
-                                                     b.values, b.token_mask, b.pred_mask,
-                                                     False)["params"])
-    params = init(init_key, dropout_key, b)  # one compiled call, not hundreds of eager ops
-    return init_state(params, self.tx, self.transform.init(params), state_key, self.capacity)
+  def init_state(self, key) -> TrainState:
+    """The step-0 state (traced: `compile` evaluates it abstractly, then jits it sharded)."""
+    raise NotImplementedError
 
   def initial_state(self) -> TrainState:
-    return jax.device_put(self._state0, self.state_sharding)
+    return self._init(self._key)
+
+  # ----------------------------------------------------------------------------- task hooks
+
+  @property
+  def stage_names(self) -> list[str]:
+    raise NotImplementedError
+
+  def stage_masks(self, k: int) -> dict[str, np.ndarray]:
+    """Masks active while training stage k: {'active_genes': ...[, 'active_classes': ...]}."""
+    raise NotImplementedError
+
+  def stage_data(self, k: int, state: TrainState) -> StageData:
+    """What stage k trains on (may read the state at the stage start, e.g. an example bank)."""
+    raise NotImplementedError
+
+  def stage_steps(self, n_cells: int) -> int:
+    t = self.config.train
+    if t.steps_per_stage > 0:
+      return int(t.steps_per_stage)
+    return int(self.epochs_per_stage * math.ceil(n_cells / self.spec.batch_size))
+
+  @property
+  def epochs_per_stage(self) -> int:
+    return int(self.config.train.epochs_per_stage)
+
+  def check_steps(self) -> None:
+    """Fails before any training when a stage would get zero steps."""
+
+  def feed(self, k: int, start: int) -> Feed | None:
+    return None
+
+  def stage_end(self, k: int, state: TrainState, data: StageData) -> StageEnd:
+    """What the loss transforms may use to consolidate after stage k."""
+    return StageEnd(stage=k, params=state.params, active_genes=state.active_genes,
+                    task_loss=self.task_loss,
+                    batches=lambda n: self.consolidation_batches(k, data, n),
+                    stage_cells=data.stage_cells,
+                    stage_rows=data.columns_to_rows[data.columns_to_rows > 0],
+                    active_classes=state.active_classes)
+
+  def after_consolidation(self, k: int, state: TrainState, data: StageData) -> TrainState:
+    """Task state updates at a stage end (e.g. the example bank)."""
+    return state
+
+  def evaluate(self, k: int, state: TrainState, results: dict) -> dict:
+    """Scores after stage k, into `results`."""
+    return results
+
+  def stage_record(self, k: int, state: TrainState, data: StageData, n_steps: int,
+                   timing: dict, last: dict) -> dict:
+    raise NotImplementedError
+
+  def new_results(self) -> dict:
+    raise NotImplementedError
+
+  def meta(self, k: int) -> dict:
+    """Task facts saved with every checkpoint (plan, vocabularies, calibration constants...)."""
+    return {}
+
+  def restore_meta(self, meta: dict) -> None:
+    """Reads back what `meta` saved, when resuming."""
+
+  def finish(self, state: TrainState | None, results: dict) -> dict:
+    return results
+
+  def write_outputs(self, workdir: str, results: dict) -> None:
+    raise NotImplementedError
+
+  def input_files(self) -> list[str]:
+    return []
+
+  def compilations(self) -> dict:
+    return {"train_step": self.train_step._cache_size()}
+
+  # ----------------------------------------------------------------------------- inputs
 
   def inputs_for(self, state, batch: Batch, feed: Feed | None) -> dict:
     inputs = {"main": batch}
@@ -116,92 +209,75 @@ class Runner:
       return jax.device_put(inputs, self.inputs_sharding)
     return distributed.global_batch(inputs, self.mesh)
 
-  def train_inputs(self, stage: stages.Stage, cols: np.ndarray, feed: Feed, transforms,
-                   start: int, n: int):
-    """Iterator of (step, device inputs) for steps start .. start+n-1 of stage `feed.stage`,
-    built `PREFETCH` steps ahead in a background thread (`pipeline.Prefetcher`).
+  def put_batch(self, batch: Batch):
+    """One (this process's rows of a) batch -> a device Batch sharded on 'data'."""
+    if jax.process_count() == 1:
+      return jax.device_put(batch, self.inputs_sharding["main"])
+    return distributed.global_batch(batch, self.mesh)
+
+  def batches(self, k: int, data: StageData, seed: int, start: int, n: int
+              ) -> Iterator[tuple[int, Batch]]:
+    """This process's rows of the global batches of steps start .. start+n-1."""
+    return batching.stage_batches(self.data, data.cells, data.columns_to_rows, self.spec, seed,
+                                  k, start, n, labels=data.labels, shard=jax.process_index(),
+                                  n_shards=jax.process_count())
+
+  def train_inputs(self, k: int, data: StageData, transforms, start: int, n: int):
+    """Iterator of (step, device inputs) for steps start .. start+n-1 of stage k, built
+    `PREFETCH` steps ahead in a background thread (`pipeline.Prefetcher`).
 
     Batches stay a pure function of (seed, stage, step), so resuming at `start` is exact. With
-    several processes each builds only its rows of every global batch
-    (`batching.stage_batches` with shard / n_shards) and of the transforms' extra inputs (computed whole, then sliced:
-    they are small and deterministic). `transforms`: a host copy of the transform states (the
-    step donates the device state, so the producer thread must not read it).
+    several processes each builds only its rows of every global batch and of the transforms'
+    extra inputs (computed whole, then sliced: they are small and deterministic). `transforms`:
+    a host copy of the transform states (the step donates the device state, so the producer
+    thread must not read it).
     """
     pid, n_proc = jax.process_index(), jax.process_count()
-    source = batching.stage_batches(self.data, stage.train_cells, cols, self.spec, feed.seed,
-                                    feed.stage, start, n, shard=pid, n_shards=n_proc)
+    feed = self.feed(k, start)
 
     def build(item):
       step, batch = item
       extras = {}
       if self.transform.extra_inputs is not None:
-        extras = self.transform.extra_inputs(transforms, dataclasses.replace(feed, step=step))
+        extras = self.transform.extra_inputs(
+            transforms, None if feed is None else dataclasses.replace(feed, step=step))
         if n_proc > 1:
           extras = jax.tree.map(lambda x: _process_rows(x, pid, n_proc), extras)
       return step, self.put_inputs({"main": batch, **extras})
 
-    return pipeline.Prefetcher(source, put=build, depth=PREFETCH)
+    return pipeline.Prefetcher(self.batches(k, data, self.config.seed + data.seed, start, n),
+                               put=build, depth=PREFETCH)
+
+  def consolidation_batches(self, k: int, data: StageData, n: int):
+    """n batches of stage k's training data, for transforms that estimate statistics."""
+    own = dataclasses.replace(data, cells=data.stage_cells, own_cells=None)
+    for _, batch in self.batches(k + self.consolidation_stage_offset, own,
+                                 self.config.seed + self.consolidation_seed_offset, 0, n):
+      yield {"main": self.put_batch(batch)}
+
+  consolidation_seed_offset = 7919
+  consolidation_stage_offset = 0
+
+  # ----------------------------------------------------------------------------- state edits
+
+  def begin_stage(self, state: TrainState, k: int) -> TrainState:
+    """Stage k's masks (a flip, no recompilation) and, if configured, a fresh optimizer."""
+    masks = {name: jax.device_put(jnp.asarray(m), getattr(self.state_sharding, name))
+             for name, m in self.stage_masks(k).items()}
+    state = state.replace(**masks)
+    if self.reset_opt_state and k > 0:
+      state = self.reset_optimizer(state)
+    return state
 
   def set_active(self, state: TrainState, mask: np.ndarray) -> TrainState:
-    return state.replace(active_genes=jax.device_put(jnp.asarray(mask), self.state_sharding.active_genes))
+    return state.replace(active_genes=jax.device_put(jnp.asarray(mask),
+                                                     self.state_sharding.active_genes))
 
   def reset_optimizer(self, state: TrainState) -> TrainState:
-    opt_state = jax.device_put(self.tx.init(state.params), self.state_sharding.opt_state)
-    return state.replace(opt_state=opt_state)
-
-  def steps_for(self, stage: stages.Stage) -> int:
-    t = self.config.train
-    if t.steps_per_stage > 0:
-      return int(t.steps_per_stage)
-    return int(t.epochs_per_stage * math.ceil(len(stage.train_cells) / self.spec.batch_size))
-
-  def regression_row(self, params, vocab: GeneVocab, upto: int, active
-                     ) -> tuple[list[float | None], dict[str, list[float | None]]]:
-    """MSE on each stage's genes (stages 0..upto) after training stage `upto`, and the trivial
-    predictors' MSE (`regression.BASELINES`) on exactly the same held-out tokens."""
-    cols = stages.eval_columns(self.data, vocab, experiment.seen_genes(self.plan, upto))
-    stage_rows = [vocab.rows(s.eval_genes) for s in self.plan.stages[:upto + 1]]
-    row_group = regression.stage_row_groups(self.capacity, stage_rows)
-    n = len(self.plan.stages)
-    trivial = regression.TrivialBaselines(*self.gene_statistics, cols, self.capacity,
-                                          np.asarray(jax.device_get(active)), row_group, n)
-
-    def batches():
-      for b in batching.eval_batches(self.data, self.plan.eval_cells, cols, self.eval_spec,
-                                     self.config.eval.mask_seed):
-        trivial.add(b)
-        yield self.put(b, self.eval_batch_sharding)
-
-    mse = regression.pooled_mse(self.eval_step, params, batches(), active,
-                                self.put(jnp.asarray(row_group), self.repl), n)
-    upto_only = lambda row: [row[j] if j <= upto else None for j in range(n)]
-    return upto_only(mse), {name: upto_only(row) for name, row in trivial.mse().items()}
-
-  @functools.cached_property
-  def gene_statistics(self) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene (mean, detected mean) over every training cell of the plan (host side, once)."""
-    cells = np.concatenate([s.train_cells for s in self.plan.stages])
-    return regression.gene_statistics(self.data, cells, self.spec.normalisation)
-
-  def eval_step_batch_sharding(self):
-    return self.eval_batch_sharding
+    return state.replace(opt_state=self._opt_init(state.params))
 
 
-def _new_results(config, plan: stages.StagePlan) -> dict:
-  n = len(plan.stages)
-  names = [s.name for s in plan.stages]
-  return {"experiment": config.experiment, "method": config.method,
-          "versions": integrity.package_versions(),
-          "transforms": registry.transform_names(config), "stages": [],
-          "gene_regression": {"stage_names": names, "matrix": [[None] * n for _ in range(n)]},
-          "forgetting": {"per_stage": [None] * n, "average": None}}
-
-
-def _meta(config, plan, vocab, results, progress) -> dict:
-  return {"experiment": config.experiment, "fingerprint": checkpoint.fingerprint(config),
-          "config": checkpoint.config_for_fingerprint(config), "plan": plan.to_json(),
-          "vocab": vocab.to_json(), "results": results, "progress": progress}
-
+# --------------------------------------------------------------------------------- the loop
 
 def _setup_logging(workdir: str) -> None:
   handler = logging.FileHandler(os.path.join(workdir, "train.log"))
@@ -210,57 +286,53 @@ def _setup_logging(workdir: str) -> None:
   log.setLevel(logging.INFO)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after_steps: int | None = None, progress_bar: bool = True) -> dict:
-  """Runs (or resumes) every stage of a gene-incremental experiment; returns results.json.
+def open_workdir(workdir: str):
+  """Context manager: the workdir's lock (process 0) and SIGTERM / SIGINT handling; `train.log`
+  set up. Yields the preemption handler."""
+  import contextlib
 
+  @contextlib.contextmanager
+  def opened():
+    guards.prepare_workdir(workdir)
+    multi = jax.process_count() > 1
+    with guards.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+         guards.Preemption(multi_process=multi) as preempt:
+      _setup_logging(workdir)
+      log.info(hostenv.describe())
+      yield preempt
+
+  return opened()
+
+
+def run(runner: Runner, workdir: str, ckpt: checkpoint.Checkpointer, preempt,
+        stop_after_steps: int | None = None, progress_bar: bool = True) -> dict:
+  """Runs (or resumes) every stage of `runner`'s experiment; returns results.json.
+
+  `ckpt` is open on the workdir (the task read its newest meta to rebuild the runner);
   `stop_after_steps` stops (after checkpointing) once that many train steps ran in this call;
-  tests use it to simulate an interruption. Holds the workdir lock while running; SIGTERM /
-  SIGINT checkpoint at the next step boundary and raise `guards.Interrupted`; a non-finite loss
-  raises `guards.NonFiniteError` before anything non-finite is checkpointed.
+  tests use it to simulate an interruption. A non-finite loss raises `guards.NonFiniteError`
+  before anything non-finite is checkpointed; a signal checkpoints at the next step boundary
+  and raises `guards.Interrupted`.
   """
-  guards.prepare_workdir(workdir)
-  multi = jax.process_count() > 1
-  with guards.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-       guards.Preemption(multi_process=multi) as preempt:
-    return _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt)
-
-
-def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt) -> dict:
-  _setup_logging(workdir)
-  with guards.user_errors("invalid config or data"):
-    registry.transform_names(config)  # unknown names fail before any work
-    hooks.resolve(config.eval.stage_evaluators)
-    data = experiment.load_data(config)
-    experiment.check_value_scale(data, config.batch.normalisation)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  ckpt.check_same_experiment(config)
-  data_fp = integrity.data_fingerprint(_input_files(config), data)
+  config = runner.config
+  data_fp = integrity.data_fingerprint(runner.input_files(), runner.data)
   ckpt.extra_meta = {"data": data_fp}
   latest, meta = ckpt.latest_meta()
   with guards.user_errors("invalid config or data"):
     if latest is not None:
       integrity.check_same_data(meta.get("data"), data_fp, workdir)
-    if latest is None:
-      plan = experiment.build_plan(config, data)
-      experiment.check_capacity(plan, config.genes.capacity)
-      progress = {"stage": 0, "step_in_stage": 0, "stage_done": False, "seconds": 0.0}
-      results = _new_results(config, plan)
-    else:
-      plan = stages.StagePlan.from_json(meta["plan"])
-      progress, results = meta["progress"], meta["results"]
-      log.info("resuming from checkpoint step %d: %s", latest, progress)
-    if not len(plan.eval_cells):
-      log.warning("no held-out cells (config.stages.eval_fraction=%s): the gene-wise regression "
-                  "matrix and forgetting will be null; set --config.stages.eval_fraction > 0",
-                  config.stages.eval_fraction)
-    runner = Runner(config, data, plan)
-    for k, s in enumerate(plan.stages):
-      guards.check_steps(runner.steps_for(s), k, s.name, len(s.train_cells))
+    runner.check_steps()
+  n_stages = len(runner.stage_names)
+  progress = {"stage": 0, "step_in_stage": 0, "stage_done": False, "seconds": 0.0}
+  results = runner.new_results()
+  if latest is not None:
+    progress, results = meta["progress"], meta["results"]
+    runner.restore_meta(meta)
+    log.info("resuming from checkpoint step %d: %s", latest, progress)
   state = runner.initial_state()
-  finished = (latest is not None and progress["stage_done"]
-              and progress["stage"] == len(plan.stages) - 1)
-  if latest is not None and not finished:  # a finished run needs only the meta (its report)
+  finished = (latest is not None and progress.get("stage_done", True)
+              and progress["stage"] == n_stages - 1)
+  if latest is not None and (not finished or runner.final_needs_state):
     good, restored, good_meta = ckpt.restore_good(checkpoint.abstract_like(state))
     if good is None:
       raise guards.RunError(f"no checkpoint in {ckpt.directory} restores (all were damaged and "
@@ -268,48 +340,61 @@ def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt
     state = restored
     if good != latest:
       progress, results = good_meta["progress"], good_meta["results"]
+      runner.restore_meta(good_meta)
       log.warning("resuming from checkpoint step %d instead of the damaged step %d: re-doing "
                   "stage %d from step %d", good, latest,
-                  progress["stage"] + (1 if progress["stage_done"] else 0),
-                  0 if progress["stage_done"] else progress["step_in_stage"])
+                  progress["stage"] + (1 if progress.get("stage_done", True) else 0),
+                  0 if progress.get("stage_done", True) else progress["step_in_stage"])
 
-  first = progress["stage"] + (1 if progress["stage_done"] else 0)
+  mid_steps = [s for s in ckpt.manager.all_steps()
+               if not ckpt.read_meta(s).get("progress", {}).get("stage_done", True)]
+
+  def save(k: int, progress: dict) -> None:
+    """Saves; drops older mid-stage checkpoints, so that `keep` holds finished stages."""
+    step = int(state.step)
+    ckpt.save(step, state, _meta(runner, k, results, progress))
+    clock.reset()
+    for old in [s for s in mid_steps if s < step]:
+      ckpt.manager.delete(old)
+      mid_steps.remove(old)
+    if not progress["stage_done"]:
+      mid_steps.append(step)
+
+  first = progress["stage"] + (1 if progress.get("stage_done", True) else 0)
   steps_run = 0
   batches = bar = None
   clock = guards.CheckpointClock(config.train.checkpoint_minutes, jax.process_count() > 1,
                                  config.train.log_every)
   try:
-    for k in range(first, len(plan.stages)):
-      stage = plan.stages[k]
-      vocab = experiment.stage_vocab(plan, config.genes.capacity, k)
-      resuming = progress["stage"] == k and not progress["stage_done"] and progress["step_in_stage"] > 0
+    for k in range(first, n_stages):
+      name = runner.stage_names[k]
+      resuming = (progress["stage"] == k and not progress.get("stage_done", True)
+                  and progress["step_in_stage"] > 0)
       start = progress["step_in_stage"] if resuming else 0
-      stage_seconds = progress["seconds"] if resuming else 0.0
+      stage_seconds = progress.get("seconds", 0.0) if resuming else 0.0
       if not resuming:
-        state = runner.set_active(state, vocab.active_mask(k))
-        if config.train.reset_opt_state and k > 0:
-          state = runner.reset_optimizer(state)
-      n_steps = runner.steps_for(stage)
-      cols = stages.stage_columns(data, vocab, stage)
-      feed = Feed(data, plan, vocab, runner.spec, config.seed, k, start)
+        state = runner.begin_stage(state, k)
+      data = runner.stage_data(k, state)
+      n_steps = runner.stage_steps(len(data.cells))
       host_transforms = (jax.device_get(state.transforms)
                          if runner.transform.extra_inputs is not None else None)
-      losses: list[float] = []
+      last: dict = {}
       cells, t_measure, t0, first_step_seconds = 0, 0.0, time.time(), 0.0
-      bar = tqdm(total=n_steps, initial=start, desc=f"stage {k} {stage.name}", leave=True,
+      bar = tqdm(total=n_steps, initial=start, desc=f"stage {k} {name}", leave=True,
                  disable=not progress_bar, dynamic_ncols=True)
-      batches = runner.train_inputs(stage, cols, feed, host_transforms, start, n_steps - start)
+      batches = runner.train_inputs(k, data, host_transforms, start, n_steps - start)
       for step, inputs in batches:
         t_step = time.time()
         state, metrics = runner.train_step(state, inputs)
-        logged = (step + 1) % config.train.log_every == 0 or step + 1 == n_steps
+        done = step + 1
+        logged = done % config.train.log_every == 0 or done == n_steps
+        where = dict(step=done, stage=k, stage_name=name, ckpt=ckpt)
         if logged:
-          metrics = jax.device_get(metrics)
-          guards.check_finite(metrics, config, step=step + 1, stage=k, stage_name=stage.name,
-                              ckpt=ckpt)
-          losses.append(float(metrics["loss"]))
-          bar.set_postfix({k_.split("/")[-1]: f"{float(v):.4f}" for k_, v in metrics.items()
-                           if k_.startswith("loss")} | {"cells/s": f"{cells / max(t_measure, 1e-9):.0f}"})
+          last = {key: float(v) for key, v in jax.device_get(metrics).items()}
+          guards.check_finite(last, config, **where)
+          bar.set_postfix({key.split("/")[-1]: f"{v:.4f}" for key, v in last.items()
+                           if key.startswith("loss")}
+                          | {"cells/s": f"{cells / max(t_measure, 1e-9):.0f}"})
         jax.block_until_ready(state.step)
         if step > start:  # the first step of a stage may include compilation
           cells += int(metrics["cells"]) if "cells" in metrics else runner.spec.batch_size
@@ -318,74 +403,41 @@ def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt
           first_step_seconds = time.time() - t_step
         bar.update(1)
         steps_run += 1
-        done_in_stage = step + 1
         stop = preempt.should_stop(int(state.step))
-        if done_in_stage < n_steps and (done_in_stage % config.train.checkpoint_every == 0 or
-                                        steps_run == stop_after_steps or stop or
-                                        clock.due(done_in_stage)):
+        if done < n_steps and (done % config.train.checkpoint_every == 0 or
+                               steps_run == stop_after_steps or stop or clock.due(done)):
           if not logged:  # never checkpoint a step whose loss was not checked
-            guards.check_finite(jax.device_get(metrics), config, step=done_in_stage, stage=k,
-                                stage_name=stage.name, ckpt=ckpt)
-          guards.check_state_finite(state, config, step=done_in_stage, stage=k,
-                                    stage_name=stage.name, ckpt=ckpt)
-          progress = {"stage": k, "step_in_stage": done_in_stage, "stage_done": False,
-                      "seconds": stage_seconds + time.time() - t0}
-          ckpt.save(int(state.step), state, _meta(config, plan, vocab, results, progress))
-          clock.reset()
+            guards.check_finite(jax.device_get(metrics), config, **where)
+          guards.check_state_finite(state, config, **where)
+          save(k, {"stage": k, "step_in_stage": done, "stage_done": False,
+                   "seconds": stage_seconds + time.time() - t0})
           if stop:
             raise guards.Interrupted(guards.interrupted_message(
-                preempt.signal, f"step {done_in_stage} of {n_steps} of stage {k} ({stage.name})",
+                preempt.signal, f"step {done} of {n_steps} of stage {k} ({name})",
                 int(state.step), ckpt.directory))
-        if steps_run == stop_after_steps and done_in_stage < n_steps:
-          batches.close()
-          bar.close()
+        if steps_run == stop_after_steps and done < n_steps:
           return results
       batches.close()
       bar.close()
       stage_seconds += time.time() - t0
 
-      end = StageEnd(stage=k, params=state.params, active_genes=state.active_genes,
-                     task_loss=runner.task_loss,
-                     batches=lambda n, k=k, cols=cols, stage=stage: _consolidation_batches(
-                         runner, stage, cols, k, n),
-                     stage_cells=stage.train_cells, stage_rows=cols[cols > 0],
-                     base_stage=k == 0 and plan.base_stage)
+      end = runner.stage_end(k, state, data)
       state = state.replace(transforms=jax.device_put(
           runner.transform.consolidate(state.transforms, state.params, end),
           runner.state_sharding.transforms))
-
-      row, trivial = runner.regression_row(state.params, vocab, k, state.active_genes)
-      reg = results["gene_regression"]
-      reg["matrix"][k] = row
-      n_stages = len(plan.stages)
-      for name, trivial_row in trivial.items():
-        reg.setdefault("baselines", {}).setdefault(
-            name, [[None] * n_stages for _ in range(n_stages)])[k] = trivial_row
-      reg["ratio_to_best_baseline"] = regression.ratio_to_best(reg["matrix"], reg["baselines"])
-      final_visible = [set(s.eval_genes) <= set(plan.stages[-1].train_genes) for s in plan.stages]
-      for evaluate in hooks.resolve(config.eval.stage_evaluators):
-        results = evaluate(runner, state, vocab, k, results)
-      if k == len(plan.stages) - 1:
-        results["forgetting"] = regression.forgetting(results["gene_regression"]["matrix"],
-                                                      final_visible)
-      results["stages"].append({
-          "name": stage.name, "n_train_cells": int(len(stage.train_cells)),
-          "n_active_genes": int(vocab.active_mask(k).sum()),
-          "n_new_genes": len(stage.new_genes), "steps": n_steps,
-          "seconds": round(stage_seconds, 2),
-          "cells_per_s": round(cells / t_measure, 1) if t_measure > 0 else None,
-          "first_step_seconds": round(first_step_seconds, 3),
-          "final_train_loss": losses[-1] if losses else None})
-      log.info("stage %d (%s) done: %s", k, stage.name, results["stages"][-1])
-      progress = {"stage": k, "step_in_stage": n_steps, "stage_done": True, "seconds": 0.0}
-      guards.check_state_finite(state, config, step=n_steps, stage=k, stage_name=stage.name,
+      state = runner.after_consolidation(k, state, data)
+      timing = {"seconds": round(stage_seconds, 2),
+                "cells_per_s": round(cells / t_measure, 1) if t_measure > 0 else None,
+                "first_step_seconds": round(first_step_seconds, 3)}
+      results["stages"].append(runner.stage_record(k, state, data, n_steps, timing, last))
+      results = runner.evaluate(k, state, results)
+      log.info("stage %d (%s) done: %s", k, name, results["stages"][-1])
+      guards.check_state_finite(state, config, step=n_steps, stage=k, stage_name=name,
                                 ckpt=ckpt)
-      ckpt.save(int(state.step), state, _meta(config, plan, vocab, results, progress))
-      clock.reset()
-      if k < len(plan.stages) - 1 and preempt.should_stop(int(state.step)):
+      save(k, {"stage": k, "step_in_stage": n_steps, "stage_done": True, "seconds": 0.0})
+      if k < n_stages - 1 and preempt.should_stop(int(state.step)):
         raise guards.Interrupted(guards.interrupted_message(
-            preempt.signal, f"the end of stage {k} ({stage.name})", int(state.step),
-            ckpt.directory))
+            preempt.signal, f"the end of stage {k} ({name})", int(state.step), ckpt.directory))
   except KeyboardInterrupt:
     log.warning("interrupted; rerun the same command to resume from the last checkpoint")
     raise
@@ -396,22 +448,23 @@ def _train_and_evaluate(config, workdir, stop_after_steps, progress_bar, preempt
       bar.close()  # before any error message, so that it starts its own line
     ckpt.close()
 
+  results = runner.finish(state if (steps_run or runner.final_needs_state) else None, results)
   if steps_run:
-    results["compilations"] = {"train_step": runner.train_step._cache_size(),
-                               "eval_step": runner.eval_step._cache_size()}
+    results["compilations"] = runner.compilations()
   else:  # a finished workdir rerun: keep the counts of the run that trained
     results.setdefault("compilations", _previous_results(workdir).get("compilations"))
   results = guards.finite_or_none(results)  # strict JSON: null, never NaN
   if jax.process_index() == 0:
-    report.write_outputs(workdir, results)
+    runner.write_outputs(workdir, results)
   return results
 
 
-def _input_files(config) -> list[str]:
-  if config.data.source != "h5ad":
-    return []
-  return [experiment.resolve_path(f, config.data.data_dir)
-          for f in experiment.split_list(config.data.files)]
+def _meta(runner: Runner, k: int, results: dict, progress: dict) -> dict:
+  config = runner.config
+  return {"task": runner.task, "experiment": config.experiment,
+          "fingerprint": checkpoint.fingerprint(config),
+          "config": checkpoint.config_for_fingerprint(config), **runner.meta(k),
+          "results": results, "progress": progress}
 
 
 def _previous_results(workdir: str) -> dict:
@@ -429,14 +482,3 @@ def _process_rows(x, pid: int, n_proc: int):
     raise ValueError(f"an extra input batch of {n} cells is not divisible by {n_proc} processes; "
                      "use a transform batch_size that is a multiple of the process count")
   return x[pid * n // n_proc:(pid + 1) * n // n_proc]
-
-
-def _consolidation_batches(runner: Runner, stage, cols, k: int, n: int):
-  """n batches of stage k's training data, for transforms that estimate statistics."""
-  for _, batch in batching.stage_batches(runner.data, stage.train_cells, cols, runner.spec,
-                                         runner.config.seed + 7919, k, 0, n,
-                                         shard=jax.process_index(), n_shards=jax.process_count()):
-    if jax.process_count() == 1:
-      yield {"main": runner.put(batch, runner.inputs_sharding["main"])}
-    else:
-      yield {"main": distributed.global_batch(batch, runner.mesh)}

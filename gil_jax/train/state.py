@@ -1,4 +1,4 @@
-"""The train state pytree and the optimizer."""
+"""The train state pytree and the optimizer, shared by every task (gene-incremental, annotation)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ml_collections
 import optax
 from flax import struct
 
-from gil_jax.models.common import is_gene_param
+from gil_jax.models.common import GENES
 
 
 @struct.dataclass
@@ -22,6 +22,8 @@ class TrainState:
   transforms: Any            # dict: transform name -> its state (teacher, Fisher, buffer, ...)
   rng: jnp.ndarray           # uint32[2] base key; step keys are fold_in(rng, step)
   active_genes: jnp.ndarray  # bool[capacity]: gene-table rows that may be read and updated
+  active_classes: Any = None  # bool[class capacity]: classes of a class head (None: no head)
+  extras: Any = struct.field(default_factory=dict)  # task arrays, e.g. the annotation bank
 
 
 SCHEDULES = ("constant", "cosine")
@@ -45,9 +47,13 @@ def learning_rate(train_cfg: ml_collections.ConfigDict, decay_steps: int | None 
                                             end_value=0.1 * peak)
 
 
-def make_optimizer(train_cfg: ml_collections.ConfigDict,
-                   decay_steps: int | None = None) -> optax.GradientTransformation:
-  """Adam(W) with the `learning_rate` schedule and optional global-norm clipping."""
+def make_optimizer(train_cfg: ml_collections.ConfigDict, decay_steps: int | None = None,
+                   trainable: Any = None) -> optax.GradientTransformation:
+  """Adam(W) with the `learning_rate` schedule and optional global-norm clipping.
+
+  `trainable`: a params-shaped tree of 'train' / 'freeze' labels; frozen leaves get zero updates
+  (e.g. fine-tuning only a head). None trains every leaf.
+  """
   lr = learning_rate(train_cfg, decay_steps)
   if train_cfg.optimizer == "adam":
     opt = optax.adam(lr)
@@ -59,6 +65,8 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict,
     raise ValueError(f"unknown config.train.optimizer {train_cfg.optimizer!r}; known: adam, adamw")
   if train_cfg.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), opt)
+  if trainable is not None:
+    opt = optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, trainable)
   return opt
 
 
@@ -67,10 +75,11 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def mask_gene_rows(tree: Any, active_genes: jnp.ndarray) -> Any:
-  """Zeroes the rows of inactive genes in every gene-table-shaped leaf of a params-like tree."""
+  """Zeroes the rows of inactive genes in every gene-table leaf (under a ``genes`` submodule, at
+  any depth: a backbone's own or one nested in a task's params) of a params-like tree."""
 
   def mask(path, x):
-    if not is_gene_param(_path_names(path)):
+    if GENES not in _path_names(path):
       return x
     m = active_genes.reshape((-1,) + (1,) * (x.ndim - 1))
     return jnp.where(m, x, jnp.zeros_like(x))
@@ -79,7 +88,11 @@ def mask_gene_rows(tree: Any, active_genes: jnp.ndarray) -> Any:
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, transform_states: Any,
-               rng: jnp.ndarray, capacity: int) -> TrainState:
+               rng: jnp.ndarray, capacity: int, n_classes: int = 0,
+               extras: Any = None) -> TrainState:
+  """Step 0, nothing active (stages switch masks on); a class mask when n_classes > 0."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     transforms=transform_states, rng=rng,
-                    active_genes=jnp.zeros((capacity,), bool))
+                    active_genes=jnp.zeros((capacity,), bool),
+                    active_classes=jnp.zeros((n_classes,), bool) if n_classes > 0 else None,
+                    extras={} if extras is None else extras)

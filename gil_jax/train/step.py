@@ -23,7 +23,8 @@ def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformatio
 
   def train_step(state: TrainState, inputs: dict[str, Batch]):
     ctx = LossContext(rng=jax.random.fold_in(state.rng, state.step),
-                      active_genes=state.active_genes, step=state.step)
+                      active_genes=state.active_genes, step=state.step,
+                      active_classes=state.active_classes)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state.params, state.transforms, inputs, ctx)
     grads = mask_gene_rows(grads, state.active_genes)
@@ -59,13 +60,19 @@ def make_regression_eval_step(model, likelihood: str, normalisation: str, n_grou
   return eval_step
 
 
+def apply_visible(model, params, batch: Batch, active_genes, *, train: bool = False,
+                  rng=None) -> dict[str, Any]:
+  """Model outputs for a fully visible batch (nothing hidden: values = targets), e.g. to embed
+  cells or to classify them."""
+  batch = batch.replace(pred_mask=jnp.zeros_like(batch.pred_mask), values=batch.targets)
+  return objectives.apply_model(model, params, batch, active_genes, train=train,
+                                rng=jax.random.PRNGKey(0) if rng is None else rng)
+
+
 def make_embed_step(model):
   """(params, batch, active_genes) -> cell embeddings [B, E] (nothing hidden, eval mode)."""
 
   def embed_step(params, batch: Batch, active_genes):
-    batch = batch.replace(pred_mask=jnp.zeros_like(batch.pred_mask), values=batch.targets)
-    out = objectives.apply_model(model, params, batch, active_genes, train=False,
-                                 rng=jax.random.PRNGKey(0))
-    return out["cell_emb"]
+    return apply_visible(model, params, batch, active_genes)["cell_emb"]
 
   return embed_step

@@ -1,0 +1,114 @@
+"""What an annotation run reports at its end: novelty calibration on validation cells, the
+final evaluation (accuracy matrix summary, per-class metrics, novel-type detection, test-only
+sources, logistic-regression / kNN baselines) and the confusion matrix."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from gil_jax.canal import metrics, novelty
+from gil_jax.canal.labels import UNASSIGNED
+from gil_jax.canal.stream import Stream
+from gil_jax.eval import baselines
+
+
+def novelty_calibration(runner, state, stream: Stream, label_rows: np.ndarray,
+                        c2r: np.ndarray) -> dict | None:
+  """Constants of the validation rule from all stages' validation cells (known types only), with
+  q fixed (config.canal.novelty_quantile) or chosen on them ('validation_auto'); None for CANAL's
+  transductive rule, which needs no constants."""
+  c = runner.config.canal
+  if c.novelty_rule == "canal":
+    return None
+  val = np.concatenate([s.val_cells for s in stream.stages])
+  if not len(val):
+    raise ValueError(f"config.canal.novelty_rule={c.novelty_rule!r} needs validation cells "
+                     "(config.canal.val_fraction > 0).")
+  active = np.asarray(state.active_classes)
+  logits = runner.predict(state.params, state.active_genes, state.active_classes, val, c2r)["logits"]
+  quantile, selection = float(c.novelty_quantile), None
+  if c.novelty_rule == "validation_auto":
+    selection = novelty.select_quantile(logits, label_rows[val], active,
+                                        temperature=c.novelty_temperature)
+    quantile = selection["quantile"]
+  calib = novelty.calibrate(logits, active, temperature=c.novelty_temperature, quantile=quantile)
+  return dict(calib, rule=c.novelty_rule, n_val_cells=int(len(val)), selection=selection)
+
+
+def check_novelty_rule(config) -> None:
+  c = config.canal
+  if c.novelty_rule not in novelty.RULES:
+    raise ValueError(f"unknown config.canal.novelty_rule {c.novelty_rule!r}; known: "
+                     f"{novelty.RULES}")
+  if c.novelty_rule != "canal" and c.val_fraction <= 0:
+    raise ValueError(f"config.canal.novelty_rule={c.novelty_rule!r} needs validation cells: set "
+                     "config.canal.val_fraction > 0 (or novelty_rule='canal').")
+
+
+def detect_novel(config, state, out, calib: dict | None, key=None) -> novelty.Novelty:
+  """CANAL's transductive rule (calib None) or the saved validation-rule constants."""
+  if calib is not None:
+    return novelty.apply_calibration(out["logits"], np.asarray(state.active_classes), calib)
+  c = config.canal
+  return novelty.canal_rule(out["logits"], out["m"], state.params["head"],
+                            np.asarray(state.active_classes), temperature=c.novelty_temperature,
+                            n_mix=c.novelty_mix, key=key)
+
+
+def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names, acc, joint,
+                     calib=None):
+  names = np.asarray(labels.names + [UNASSIGNED], object)
+  withheld = stream.withheld
+  test = np.concatenate([s.test_cells for s in stream.stages])
+  known = test[~np.isin(stream.labels[test], withheld)]
+  out = runner.predict(state.params, state.active_genes, state.active_classes, known, c2r)
+  y_true, y_pred = stream.labels[known], names[np.argmax(out["logits"], -1)]
+  res = {"stage_names": stage_names, "accuracy_matrix": acc,
+         "final": metrics.classification(y_true, y_pred),
+         "average_accuracy": metrics.average_accuracy(acc),
+         "bwt": None if joint else metrics.bwt(acc),
+         "forgetting": None if joint else metrics.forgetting(acc),
+         "n_test_cells": int(len(known)), "classes": labels.names, "novel": None,
+         "confusion": _confusion(y_true, y_pred)}
+  if withheld:
+    out_all = runner.predict(state.params, state.active_genes, state.active_classes, test, c2r)
+    nov = detect_novel(runner.config, state, out_all, calib,
+                       key=jax.random.PRNGKey(runner.config.seed))
+    pred = np.where(nov.unassigned, UNASSIGNED, names[np.argmax(out_all["logits"], -1)])
+    sel = (calib or {}).get("selection") or {}
+    res["novel"] = dict(metrics.novel_metrics(stream.labels[test], pred, withheld),
+                        withheld=list(withheld), rule=runner.config.canal.novelty_rule,
+                        threshold=nov.threshold, quantile=(calib or {}).get("quantile"),
+                        quantile_selection=sel or None)
+    truth = np.where(np.isin(stream.labels[test], withheld), UNASSIGNED, stream.labels[test])
+    res["confusion"] = _confusion(truth, pred)
+  res["test_only"], seen_only = {}, {}
+  for src, cells in stream.test_only.items():
+    is_seen = np.isin(stream.labels[cells], labels.names)
+    seen_only[src] = cells[is_seen]
+    entry = {"n_cells": int(len(cells)), "n_seen_type_cells": int(is_seen.sum())}
+    if len(cells):
+      o = runner.predict(state.params, state.active_genes, state.active_classes, cells, c2r)
+      pred = names[np.argmax(o["logits"], -1)]
+      entry.update(metrics.classification(stream.labels[cells][is_seen], pred[is_seen]))
+      # the run's novelty rule on the whole test-only source (CANAL's rule: transductive on it)
+      flag = detect_novel(runner.config, state, o, calib,
+                          key=jax.random.PRNGKey(runner.config.seed)).unassigned
+      entry.update(flagged_novel=float(np.mean(flag)),
+                   flagged_novel_seen=float(np.mean(flag[is_seen])) if is_seen.any() else None,
+                   flagged_novel_unseen=float(np.mean(flag[~is_seen])) if (~is_seen).any()
+                   else None)
+    res["test_only"][src] = entry
+  train = np.concatenate([s.train_cells for s in stream.stages])
+  res["baselines"] = baselines.annotation_baselines(stream, np.flatnonzero(c2r > 0), train, known,
+                                                    seen_only)
+  return res
+
+
+def _confusion(y_true, y_pred) -> dict:
+  from sklearn.metrics import confusion_matrix
+  classes = sorted(set(map(str, y_true)) | set(map(str, y_pred)))
+  return {"labels": classes,
+          "matrix": confusion_matrix(list(map(str, y_true)), list(map(str, y_pred)),
+                                     labels=classes).tolist()}

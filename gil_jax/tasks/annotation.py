@@ -1,0 +1,270 @@
+"""Continual cell-type annotation as a task of the shared loop: `train_annotation(config, workdir)`.
+
+What this task supplies (gil_jax/train/loop.py runs the rest): a backbone (fresh, or from a
+finished workdir: `config.canal.init_workdir`) with a growing class head; stages from the labelled
+dataset stream (`canal.stream`); per stage the gene and class masks (a flip, no recompilation)
+and the stage's cells plus, for bank methods, the example bank's labelled cells of earlier stages;
+label-smoothed cross-entropy with the method's loss transforms (`config.method`, e.g. CANAL's
+representation distillation); at a stage end the bank update; after every stage the accuracy row
+on every stage's held-out cells; at the end novelty calibration, the final evaluation with
+logistic-regression and kNN baselines, and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from gil_jax import checkpoint, guards, integrity
+from gil_jax.canal import bank as bank_lib
+from gil_jax.canal import loss as loss_lib  # registers canal_rkd / canal_lwf
+from gil_jax.canal import report
+from gil_jax.canal.evaluate import check_novelty_rule, final_evaluation, novelty_calibration
+from gil_jax.canal.labels import LabelVocab
+from gil_jax.canal.model import eval_step_for, init_params, load_gil_params, trainable_labels
+from gil_jax.canal.stream import Stream, build_stream
+from gil_jax.data import batching
+from gil_jax.data.vocab import GeneVocab
+from gil_jax.experiment import resolve_path
+from gil_jax.losses import registry
+from gil_jax.models import build_model
+from gil_jax.train import loop
+from gil_jax.train.loop import StageData
+from gil_jax.train.state import TrainState, init_state, make_optimizer
+
+
+def build_vocabs(config, stream: Stream, gil_vocab: GeneVocab | None):
+  """Gene vocabulary (stage k activates its datasets' genes) and label vocabulary."""
+  joint = registry.preset(config).joint
+  if gil_vocab is not None:
+    vocab = dataclasses.replace(gil_vocab, activated_at=[0] * len(gil_vocab))
+    vocab.__post_init__()
+  else:
+    vocab = GeneVocab(config.genes.capacity)
+  labels = LabelVocab(config.canal.max_classes)
+  for k in range(len(stream.stages)):
+    if gil_vocab is None:
+      vocab.activate(stream.stage_genes(k), 0 if joint else k)
+    labels.activate(stream.labels[stream.stages[k].train_cells], 0 if joint else k)
+  return vocab, labels
+
+
+def columns_to_rows(stream: Stream, vocab: GeneVocab, stage: int) -> np.ndarray:
+  rows = vocab.rows(list(stream.data.gene_ids), missing="pad")
+  return np.where(vocab.active_mask(stage)[rows], rows, 0).astype(np.int32)
+
+
+class Runner(loop.Runner):
+  """The annotation task: compiled functions and static pieces of one annotation run."""
+
+  task = "annotation"
+  reset_opt_state = True      # CANAL: a fresh optimizer at every stage
+  final_needs_state = True    # the final evaluation reads the trained model
+  consolidation_seed_offset = 0
+  consolidation_stage_offset = 1000
+
+  def __init__(self, config, stream: Stream, vocab: GeneVocab, labels: LabelVocab,
+               init_backbone=None, gil_init: dict | None = None):
+    self.config, self.stream, self.data = config, stream, stream.data
+    self.gene_vocab, self.labels, self.gil_init = vocab, labels, gil_init
+    self.preset = registry.preset(config)
+    self.use_bank = self.preset.bank and config.canal.bank_size > 0
+    self.joint = self.preset.joint
+    self.label_rows = labels.rows(stream.labels, missing=-1)
+    self.capacity = config.genes.capacity
+    self.spec = batching.BatchSpec(batch_size=config.batch.batch_size,
+                                   n_tokens=config.batch.n_tokens, mask_ratio=0.0,
+                                   normalisation="none", sampling=config.batch.sampling,
+                                   zero_tokens=config.batch.zero_tokens)
+    self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
+    self.backbone = build_model(config.model, config.genes.capacity, "mse")
+    self.init_backbone = init_backbone
+    abstract = jax.eval_shape(lambda k: init_params(self.backbone, config, k),
+                              jax.random.PRNGKey(0))
+    self.tx = make_optimizer(config.train, trainable=trainable_labels(
+        abstract, config.canal.trainable, config.canal.trainable_blocks))
+    self.transform = registry.build(config)
+    self.task_loss = loss_lib.make_task_loss(self.backbone, config.canal.label_smoothing)
+    self.train_plan = ([("joint", np.concatenate([s.train_cells for s in stream.stages]))]
+                       if self.joint else [(s.name, s.train_cells) for s in stream.stages])
+    self.calib: dict | None = None
+    self.compile()
+    self.eval_step = eval_step_for(config.model, config.genes.capacity)
+
+  def init_state(self, key) -> TrainState:
+    pkey, skey = jax.random.split(key)
+    params = init_params(self.backbone, self.config, pkey)
+    return init_state(params, self.tx, self.transform.init(params), skey, self.capacity,
+                      n_classes=self.config.canal.max_classes,
+                      extras={"bank": bank_lib.empty(max(1, self.config.canal.bank_size))})
+
+  def initial_state(self) -> TrainState:
+    state = super().initial_state()
+    if self.init_backbone is None:
+      return state
+    params = dict(state.params, backbone=jax.device_put(
+        self.init_backbone, self.state_sharding.params["backbone"]))
+    transforms = jax.jit(self.transform.init, out_shardings=self.state_sharding.transforms)(params)
+    return state.replace(params=params, opt_state=self._opt_init(params), transforms=transforms)
+
+  def predict(self, params, active_genes, active_classes, cells, c2r) -> dict[str, np.ndarray]:
+    """Eval-mode outputs for `cells` (logits, probs, m, h, cell_emb), host numpy."""
+    outs = []
+    for b in batching.eval_batches(self.data, cells, c2r, self.eval_spec,
+                                   self.config.eval.mask_seed):
+      o = jax.device_get(self.eval_step(params, b, active_genes, active_classes))
+      outs.append({k: v[np.asarray(b.cell_mask)] for k, v in o.items()})
+    if not outs:
+      return {}
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+  # ------------------------------------------------------------------------------- stages
+
+  @property
+  def stage_names(self) -> list[str]:
+    return [name for name, _ in self.train_plan]
+
+  def columns_to_rows(self, k: int) -> np.ndarray:
+    return columns_to_rows(self.stream, self.gene_vocab, k)
+
+  def stage_masks(self, k: int) -> dict[str, np.ndarray]:
+    return {"active_genes": self.gene_vocab.active_mask(k),
+            "active_classes": self.labels.active_mask(k)}
+
+  def stage_data(self, k: int, state: TrainState) -> StageData:
+    cells = self.train_plan[k][1]
+    bank_cells = np.zeros(0, np.int64)
+    if self.use_bank:
+      bank = jax.device_get(state.extras["bank"])
+      bank_cells = np.asarray(bank["cells"])[bank_lib.occupied(bank)].astype(np.int64)
+    return StageData(cells=np.concatenate([cells, bank_cells]),
+                     columns_to_rows=self.columns_to_rows(k), labels=self.label_rows,
+                     own_cells=cells)
+
+  def check_steps(self) -> None:
+    for k, (name, cells) in enumerate(self.train_plan):  # zero steps fail before any training
+      guards.check_steps(self.stage_steps(len(cells)), k, name, len(cells))
+
+  def after_consolidation(self, k: int, state: TrainState, data: StageData) -> TrainState:
+    """The example bank takes this stage's cells (CANAL's prototype-distance selection)."""
+    if not self.use_bank or k == len(self.train_plan) - 1:
+      return state
+    cells = data.stage_cells
+    out = self.predict(state.params, state.active_genes, state.active_classes, cells,
+                       data.columns_to_rows)
+    protos = np.asarray(jax.device_get(state.params["head"]["cls"]["w"])).T
+    new_bank = bank_lib.update(jax.device_get(state.extras["bank"]), out["h"],
+                               self.label_rows[cells], cells, protos,
+                               int(np.sum(self.labels.active_mask(k))), k)
+    return state.replace(extras=dict(state.extras, bank=jax.device_put(
+        new_bank, self.state_sharding.extras["bank"])))
+
+  # ------------------------------------------------------------------------------- results
+
+  def new_results(self) -> dict:
+    n = len(self.stream.stages)
+    return {"experiment": self.config.experiment, "task": self.task,
+            "method": self.config.method, "mode": self.config.method,
+            "transforms": registry.transform_names(self.config),
+            "versions": integrity.package_versions(), "bank": self.use_bank, "stages": [],
+            "accuracy_matrix": [[None] * n for _ in range(1 if self.joint else n)]}
+
+  def stage_record(self, k, state, data, n_steps, timing, last) -> dict:
+    bank = jax.device_get(state.extras["bank"])
+    return {"name": self.train_plan[k][0], "n_train_cells": int(len(data.stage_cells)),
+            "n_bank_cells": int(len(data.cells) - len(data.stage_cells)),
+            "n_classes": int(np.sum(self.labels.active_mask(k))),
+            "n_active_genes": int(self.gene_vocab.active_mask(k).sum()), "steps": int(n_steps),
+            **timing, "final_loss": last.get("loss"), "train_accuracy": last.get("train_accuracy"),
+            "bank_per_class": {self.labels.names[a]: b
+                               for a, b in bank_lib.class_counts(bank).items()}}
+
+  def evaluate(self, k: int, state: TrainState, results: dict) -> dict:
+    c2r, row = self.columns_to_rows(k), []
+    for j, st in enumerate(self.stream.stages):
+      if not self.joint and j > k:
+        row.append(None)
+        continue
+      test = st.test_cells[~np.isin(self.stream.labels[st.test_cells], self.stream.withheld)]
+      out = self.predict(state.params, state.active_genes, state.active_classes, test, c2r)
+      pred = np.argmax(out["logits"], -1) if len(test) else np.zeros(0)
+      row.append(float(np.mean(pred == self.label_rows[test])) if len(test) else None)
+    results["accuracy_matrix"][k] = row
+    if k == len(self.train_plan) - 1:  # the run's novelty constants, saved for `annotate`
+      self.calib = novelty_calibration(self, state, self.stream, self.label_rows, c2r)
+    return results
+
+  def meta(self, k: int) -> dict:
+    c, stream = self.config.canal, self.stream
+    return {"kind": "canal", "vocab": self.gene_vocab.to_json(),
+            "label_vocab": self.labels.to_json(), "withheld": stream.withheld,
+            "source_normalisation": {n: c.sources[n].get("normalisation", "log1p_cp10k")
+                                     for n in c.sources},
+            "stages": [{"name": s.name, "source": s.source, "n_train": int(len(s.train_cells)),
+                        "n_test": int(len(s.test_cells))} for s in stream.stages],
+            "gil_init": self.gil_init, "novelty": self.calib}
+
+  def restore_meta(self, meta: dict) -> None:
+    self.calib = meta.get("novelty")
+
+  def finish(self, state: TrainState | None, results: dict) -> dict:
+    last = len(self.train_plan) - 1
+    results["annotation"] = final_evaluation(
+        self, state, self.stream, self.labels, self.label_rows, self.columns_to_rows(last),
+        [s.name for s in self.stream.stages], results["accuracy_matrix"], self.joint,
+        self.calib)
+    results["annotation"]["gil_init"] = self.gil_init
+    return results
+
+  def compilations(self) -> dict:
+    return {"train_step": self.train_step._cache_size(),
+            "eval_step": self.eval_step._cache_size()}
+
+  def write_outputs(self, workdir: str, results: dict) -> None:
+    report.write_outputs(workdir, results)
+
+  def input_files(self) -> list[str]:
+    c = self.config
+    return [resolve_path(c.canal.sources[n].file, c.data.data_dir) for n in c.canal.sources]
+
+
+def train_annotation(config: ml_collections.ConfigDict, workdir: str,
+                     progress_bar: bool = False) -> dict:
+  """Runs (or resumes) a continual annotation experiment; writes results.json and report.md.
+
+  Holds the workdir lock while running; SIGTERM / SIGINT checkpoint at the next step boundary and
+  raise `guards.Interrupted` (rerun to resume mid-stage); a non-finite loss raises
+  `guards.NonFiniteError` before anything non-finite is checkpointed.
+  """
+  c = config.canal
+  with loop.open_workdir(workdir) as preempt:
+    with guards.user_errors("invalid config or data"):
+      registry.transform_names(config)
+      check_novelty_rule(config)
+      stream = build_stream(config)
+      gil_vocab, init_backbone, gil_init = None, None, None
+      if c.init_workdir:
+        init_backbone, gil_vocab, saved = load_gil_params(c.init_workdir)
+        with config.unlocked():
+          config.model = ml_collections.ConfigDict(saved["model"])
+          config.genes.capacity = int(gil_vocab.capacity)
+        known = set(gil_vocab.gene_ids)
+        n_known = sum(g in known for g in stream.data.gene_ids)
+        gil_init = {"workdir": os.path.abspath(c.init_workdir), "vocab_genes": len(gil_vocab),
+                    "data_genes": int(stream.data.n_genes), "mapped_genes": int(n_known),
+                    "dropped_genes": int(stream.data.n_genes - n_known)}
+        loop.log.info("init from %s: %s", c.init_workdir, gil_init)
+      vocab, labels = build_vocabs(config, stream, gil_vocab)
+      runner = Runner(config, stream, vocab, labels, init_backbone, gil_init)
+    # keep 3: the last finished stage survives a mid-stage (preemption / time) checkpoint
+    ckpt = checkpoint.Checkpointer(workdir, keep=3)
+    try:
+      ckpt.check_same_experiment(config)
+    except BaseException:
+      ckpt.close()
+      raise
+    return loop.run(runner, workdir, ckpt, preempt, None, progress_bar)
