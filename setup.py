@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="gil_jax",
-    version="0.1.0",
+    version="0.2.0",
     description="Continual learning on single-cell transcriptomics with JAX/Flax",
     packages=find_packages(include=["gil_jax", "gil_jax.*"]),
     python_requires=">=3.10",

@@ -268,7 +268,7 @@ def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
   assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
   r = ad.read_h5ad(out)
   assert r.n_obs == a.n_obs and r.obsm["X_gil"].shape == (a.n_obs, 16)
-  assert {"gil_cell_type", "gil_novelty_score", "gil_unassigned"} <= set(r.obs.columns)
+  assert {"gil_cell_type", "gil_confidence", "gil_novel", "gil_novelty_score"} <= set(r.obs.columns)
   assert summary["dropped_unknown_genes"] == CANAL_GENES - GIL_GENES  # not in the vocabulary
   assert summary["shared_genes"] == GIL_GENES
   names = set(a.obs["cell_type"].astype(str)) | {labels.UNASSIGNED}
@@ -279,7 +279,31 @@ def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
   calib = annotate.load_run(str(tmp / "run"))[1]["novelty"]
   assert summary["novelty_rule"] == "validation_auto"
   assert summary["novelty_threshold"] == pytest.approx(calib["threshold"], abs=1e-4)
-  np.testing.assert_array_equal(r.obs["gil_unassigned"].to_numpy(), score > calib["threshold"])
+  np.testing.assert_array_equal(r.obs["gil_novel"].to_numpy(), score > calib["threshold"])
+  # the best label even for flagged cells, its probability, and every class's probability
+  probs = r.obsm["gil_probabilities"]
+  assert probs.shape == (a.n_obs, len(r.uns["gil"]["classes"]))
+  np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+  best = np.asarray(r.uns["gil"]["classes"], object)[probs.argmax(1)]
+  np.testing.assert_array_equal(r.obs["gil_cell_type"].to_numpy(), best)
+  np.testing.assert_allclose(r.obs["gil_confidence"].to_numpy(), probs.max(1), rtol=1e-6)
+  # the Python API on the in-memory AnnData gives the file's annotation; the input is kept
+  import gil_jax
+  model = gil_jax.load(str(tmp / "run"))
+  before = a.copy()
+  mem = model.annotate(a)
+  assert "gil_cell_type" not in a.obs and a.n_vars == before.n_vars
+  for col in ("gil_cell_type", "gil_confidence", "gil_novel", "gil_novelty_score"):
+    np.testing.assert_array_equal(mem.obs[col].to_numpy(), r.obs[col].to_numpy())
+  np.testing.assert_array_equal(mem.obsm["X_gil"], r.obsm["X_gil"])
+  # by default a cell's label and flag depend only on the cell: 20 cells alone = inside all
+  part = model.annotate(a[:20].copy())
+  for col in ("gil_cell_type", "gil_novel"):
+    np.testing.assert_array_equal(part.obs[col].to_numpy(), mem.obs[col].to_numpy()[:20])
+  np.testing.assert_allclose(part.obs["gil_confidence"].to_numpy(),
+                             mem.obs["gil_confidence"].to_numpy()[:20], rtol=1e-5)
+  info = model.info()
+  assert info["task"] == "annotation" and info["classes"] == r.uns["gil"]["classes"]
   canal = annotate.annotate_file(str(tmp / "run"), path, str(tmp_path / "c.h5ad"),
                                  novelty_rule="canal")
   assert canal["novelty_rule"] == "canal" and 0.0 < canal["novelty_threshold"] < 1.0

@@ -28,17 +28,22 @@ def _gloo_available() -> bool:
     return False
 
 
-def _run(tmp, n):
+def _launch(n, worker, *args):
+  """Runs `worker args` as n processes on loopback; fails with the output of a failed one."""
   port = _free_port()
   procs = []
   for pid in range(n):
     env = dict(os.environ, GIL_COORDINATOR=f"127.0.0.1:{port}", GIL_NUM_PROCESSES=str(n),
                GIL_PROCESS_ID=str(pid), PYTHONPATH=ROOT)
-    procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp / f"run{n}"), "2"], env=env,
+    procs.append(subprocess.Popen([sys.executable, worker, *args], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = [p.communicate(timeout=240)[0] for p in procs]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
+
+
+def _run(tmp, n):
+  _launch(n, WORKER, str(tmp / f"run{n}"), "2")
   with open(tmp / f"run{n}" / f"losses_{n}.json") as f:
     return json.load(f)
 
@@ -50,3 +55,21 @@ def test_two_processes_match_one(tmp_path):
   two = _run(tmp_path, 2)
   assert len(two) == 3
   assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.skipif(not _gloo_available(), reason="JAX CPU collectives (gloo) unavailable in "
+                    "this jaxlib; multi-process CPU training cannot run")
+def test_annotation_two_processes_match_one(tmp_path):
+  """The shared stage loop with the annotation task: two processes (each building its half of
+  every batch, one device each) give the accuracy matrix, losses and example bank of one."""
+  from tests.helpers import sim_h5ad
+  path, _ = sim_h5ad(tmp_path, n_cells=240, n_genes=60)
+  worker = os.path.join(ROOT, "tests", "multihost_canal_worker.py")
+  runs = {}
+  for n in (1, 2):
+    _launch(n, worker, path, str(tmp_path / f"canal{n}"))
+    with open(tmp_path / f"canal{n}" / "compared.json") as f:
+      runs[n] = json.load(f)
+  assert runs[2]["accuracy_matrix"] == runs[1]["accuracy_matrix"]
+  assert runs[2]["bank"] == runs[1]["bank"]
+  assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-4)

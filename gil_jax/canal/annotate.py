@@ -95,7 +95,8 @@ def run_progress(meta: dict) -> tuple[int, int]:
   """(finished stages, stages of the run) of a checkpoint's meta (annotation or GIL run)."""
   done = int(meta.get("progress", {}).get("stage", -1)) + 1
   if meta.get("kind") == "canal":
-    joint = meta.get("config", {}).get("canal", {}).get("mode") == "joint"
+    config = meta.get("config", {})
+    joint = "joint" in (config.get("method"), config.get("canal", {}).get("mode"))  # new, old
     return done, 1 if joint else len(meta.get("stages", []))
   return done, len(meta.get("plan", {}).get("stages", []))
 
@@ -117,98 +118,184 @@ def write_atomic(adata: ad.AnnData, output_path: str) -> None:
     raise
 
 
+class Model:
+  """A finished run (either task) loaded once for use on many queries: `gil_jax.load(workdir)`.
+
+  The jitted eval step is built on first use and reused by every later call (it is shared with
+  training runs in the same process), so annotating many small AnnData objects in a loop pays
+  compilation once.
+  """
+
+  def __init__(self, workdir: str, allow_partial: bool = False):
+    self.workdir = os.path.abspath(workdir)
+    self.state, self.meta = load_run(workdir)
+    self.is_annotation = self.meta.get("kind") == "canal"
+    self.done, self.total = run_progress(self.meta)
+    self.partial = self.done < self.total
+    if self.partial and not allow_partial:
+      raise WorkdirError(f"workdir {workdir!r} finished only {self.done} of its {self.total} "
+                         "stages (the training run stopped early); resume it with the same "
+                         "training command, or pass --allow-partial (allow_partial=True) to use "
+                         "the partly trained model.")
+    self.config = ml_collections.ConfigDict(self.meta["config"])
+    self.vocab = GeneVocab.from_json(self.meta["vocab"])
+    self.active_genes = np.asarray(self.state["active_genes"], bool)
+    self.classes = list(self.meta["label_vocab"]["names"]) if self.is_annotation else []
+    self._fn = None
+
+  def info(self) -> dict:
+    """What the run is: task, method, stages, genes, classes and its final figures."""
+    results = self.meta.get("results", {})
+    config = self.config
+    out = {"workdir": self.workdir, "task": "annotation" if self.is_annotation else "gil",
+           "experiment": config.get("experiment"),
+           "method": config.get("method", config.get("canal", {}).get("mode")),
+           "stages_done": self.done, "stages": self.total,
+           "active_genes": int(self.active_genes.sum()), "gene_capacity": self.vocab.capacity,
+           "versions": results.get("versions")}
+    if self.is_annotation:
+      out.update(classes=self.classes, datasets=[s["name"] for s in self.meta.get("stages", [])],
+                 accuracy_matrix=results.get("accuracy_matrix"),
+                 novelty_rule=(self.meta.get("novelty") or {}).get("rule", "canal"))
+    else:
+      out.update(datasets=[s["name"] for s in self.meta.get("plan", {}).get("stages", [])],
+                 regression_matrix=results.get("gene_regression", {}).get("matrix"))
+    return out
+
+  def _outputs(self, data, c2r) -> dict[str, np.ndarray]:
+    config = self.config
+    if self._fn is None:
+      if self.is_annotation:
+        self._fn = eval_step_for(config.model, self.vocab.capacity)  # shared with training
+      else:
+        embed = step_lib.make_embed_step(build_model(config.model, self.vocab.capacity,
+                                                     config.train.likelihood))
+        self._fn = jax.jit(lambda p, b, g, a: {"cell_emb": embed(p, b, g)})
+    spec = batching.BatchSpec(batch_size=int(config.eval.get("batch_size", 256)),  # non-semantic
+                              n_tokens=int(config.batch.n_tokens), mask_ratio=0.0,
+                              normalisation="none", sampling=str(config.batch.sampling),
+                              zero_tokens=int(config.batch.zero_tokens))
+    classes = (np.asarray(self.state["active_classes"], bool) if self.is_annotation else None)
+    outs = []
+    for b in batching.eval_batches(data, np.arange(data.n_cells), c2r, spec,
+                                   int(config.eval.mask_seed)):
+      o = jax.device_get(self._fn(self.state["params"], b, self.active_genes, classes))
+      outs.append({k: np.asarray(v)[np.asarray(b.cell_mask)] for k, v in o.items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+  def embed(self, adata: ad.AnnData, *, inplace: bool = False, **kw) -> ad.AnnData | dict:
+    """`obsm['X_gil']` (cell embeddings) for `adata`; a copy unless `inplace` (then the summary
+    dict is returned). Keywords as `annotate`."""
+    return self.annotate(adata, inplace=inplace, embed_only=True, **kw)
+
+  def annotate(self, adata: ad.AnnData, *, layer: str = "", normalisation: str = "auto",
+               gene_column: str = "", min_shared_genes: int | None = None,
+               novelty_rule: str = "run", inplace: bool = False, embed_only: bool = False
+               ) -> ad.AnnData | dict:
+    """Cell types of an in-memory AnnData: `obs['gil_cell_type']` (the most probable label),
+    `obs['gil_confidence']` (its probability), `obs['gil_novel']` and
+    `obs['gil_novelty_score']` (the novelty rule: the run's saved constants by default, or
+    novelty_rule='canal' for CANAL's transductive rule on this query), `obsm['gil_probabilities']`
+    (columns: `uns['gil']['classes']`), `obsm['X_gil']`. Returns an annotated copy, or with
+    `inplace=True` writes into `adata` and returns the summary dict."""
+    if novelty_rule not in ("run", "canal"):
+      raise QueryError(f"--novelty-rule {novelty_rule!r}: use 'run' (the run's rule) or 'canal'.")
+    if not embed_only and not self.is_annotation:
+      raise WorkdirError(f"workdir {self.workdir!r} is not an annotation run (no class head); "
+                         "use `gil-jax embed` (model.embed), or train with `gil-jax train "
+                         "--config configs/canal_*.py`.")
+    config = self.config
+    data = anndata_io.from_anndata(adata.copy(), layer=layer or None,
+                                   gene_column=gene_column or None, name="query")
+    mat = adata.layers[layer] if layer else adata.X
+    totals = np.asarray(sp.csr_matrix(mat).sum(axis=1)).ravel()
+    kept = np.flatnonzero(totals > 0)
+    norm = (("log1p_cp10k" if data.is_counts else "none") if normalisation == "auto"
+            else normalisation)
+    data = normalise_values(data, norm, "query")
+    min_shared = (min_shared_genes if min_shared_genes is not None else
+                  int(config.get("canal", {}).get("min_shared_genes", 50)))
+    c2r, summary = gene_mapping(data.gene_ids, self.vocab, self.active_genes, min_shared)
+    out = self._outputs(data, c2r)
+
+    result = adata if inplace else adata.copy()
+    emb = np.full((adata.n_obs, out["cell_emb"].shape[1]), np.nan, np.float32)
+    emb[kept] = out["cell_emb"]
+    result.obsm["X_gil"] = emb
+    summary.update(cells=int(adata.n_obs), cells_without_expression=int(adata.n_obs - len(kept)),
+                   normalisation=norm)
+    uns = {"workdir": self.workdir, "package_version": _version(),
+           "stages_trained": self.done, "training_datasets": self.info()["datasets"]}
+    if not embed_only:
+      active = np.asarray(self.state["active_classes"], bool)
+      names = np.asarray(self.classes + [UNASSIGNED], object)
+      calib = self.meta.get("novelty") if novelty_rule == "run" else None
+      if calib:  # the run's validation-rule constants: each cell on its own
+        nov = novelty.apply_calibration(out["logits"], active, calib)
+      else:  # CANAL's transductive rule on this query set
+        c = config.canal
+        nov = novelty.canal_rule(out["logits"], out["m"], self.state["params"]["head"], active,
+                                 temperature=float(c.novelty_temperature),
+                                 n_mix=int(c.novelty_mix),
+                                 key=jax.random.PRNGKey(int(config.seed)))
+      probs = out["probs"][:, :len(self.classes)]
+      best = np.argmax(out["logits"], -1)
+      cell_type = np.full(adata.n_obs, UNASSIGNED, object)
+      cell_type[kept] = names[best]
+      confidence = np.zeros(adata.n_obs, np.float32)
+      confidence[kept] = probs[np.arange(len(best)), best]
+      novel = np.zeros(adata.n_obs, bool)
+      novel[kept] = nov.unassigned
+      score = np.full(adata.n_obs, np.nan, np.float32)
+      score[kept] = nov.score
+      prob_full = np.zeros((adata.n_obs, len(self.classes)), np.float32)
+      prob_full[kept] = probs
+      result.obs["gil_cell_type"] = cell_type.astype(str)
+      result.obs["gil_confidence"] = confidence
+      result.obs["gil_novel"] = novel
+      result.obs["gil_novelty_score"] = score
+      result.obsm["gil_probabilities"] = prob_full
+      summary.update(novelty_rule=calib["rule"] if calib else "canal",
+                     novelty_threshold=round(float(nov.threshold), 4),
+                     novel=int(novel.sum()), unlabelled_empty_cells=int(adata.n_obs - len(kept)))
+      uns.update(classes=self.classes, novelty_rule=summary["novelty_rule"],
+                 novelty_threshold=summary["novelty_threshold"])
+    if self.partial:
+      summary["partial_model"] = f"trained {self.done} of {self.total} stages (--allow-partial)"
+    result.uns["gil"] = {**uns, **summary}
+    return summary if inplace else result
+
+
+def _version() -> str:
+  from gil_jax import __version__
+  return __version__
+
+
 def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only: bool = False,
                   layer: str = "", normalisation: str = "auto", gene_column: str = "",
                   min_shared_genes: int | None = None, novelty_rule: str = "run",
                   overwrite: bool = False, allow_partial: bool = False) -> dict:
+  """`gil-jax annotate` / `embed`: `Model(workdir).annotate(...)` of the query file, written to
+  a new file (atomically; the input is only read). Returns the summary."""
   if novelty_rule not in ("run", "canal"):
     raise QueryError(f"--novelty-rule {novelty_rule!r}: use 'run' (the run's rule) or 'canal'.")
   check_output(input_path, output_path, overwrite)
   if not os.path.isfile(input_path):
     raise QueryError(f"query file not found: {input_path!r}")
-  state, meta = load_run(workdir)
-  is_canal = meta.get("kind") == "canal"
-  if not embed_only and not is_canal:
+  model = Model(workdir, allow_partial=allow_partial)
+  if not embed_only and not model.is_annotation:
     raise WorkdirError(f"workdir {workdir!r} is not an annotation run (no class head); use "
                        "`gil-jax embed`, or train with `gil-jax train --config configs/canal_*.py`.")
-  done, total = run_progress(meta)
-  partial = done < total
-  if partial and not allow_partial:
-    raise WorkdirError(f"workdir {workdir!r} finished only {done} of its {total} stages (the "
-                       "training run stopped early); resume it with the same training command, "
-                       "or pass --allow-partial to use the partly trained model.")
-  config = ml_collections.ConfigDict(meta["config"])
   try:
     adata = ad.read_h5ad(input_path)
   except Exception as e:  # noqa: BLE001 -- any read failure means the query is unusable
     raise anndata_io.unreadable_file_error(input_path, e) from e
-  data = anndata_io.from_anndata(adata.copy(), layer=layer or None,
-                                 gene_column=gene_column or None, name="query")
-  mat = adata.layers[layer] if layer else adata.X
-  totals = np.asarray(sp.csr_matrix(mat).sum(axis=1)).ravel()
-  kept = np.flatnonzero(totals > 0)
-  norm = ("log1p_cp10k" if data.is_counts else "none") if normalisation == "auto" else normalisation
-  data = normalise_values(data, norm, "query")
-
-  vocab = GeneVocab.from_json(meta["vocab"])
-  active_genes = np.asarray(state["active_genes"], bool)
-  min_shared = (min_shared_genes if min_shared_genes is not None else
-                int(config.get("canal", {}).get("min_shared_genes", 50)))
-  c2r, summary = gene_mapping(data.gene_ids, vocab, active_genes, min_shared)
-
-  backbone = build_model(config.model, vocab.capacity, "mse" if is_canal else
-                         config.train.likelihood)
-  spec = batching.BatchSpec(batch_size=int(config.eval.get("batch_size", 256)),  # non-semantic
-                            n_tokens=int(config.batch.n_tokens), mask_ratio=0.0,
-                            normalisation="none", sampling=str(config.batch.sampling),
-                            zero_tokens=int(config.batch.zero_tokens))
-  params = state["params"]
-  if is_canal:
-    active_classes = np.asarray(state["active_classes"], bool)
-    fn = eval_step_for(config.model, vocab.capacity)  # shared with training: compiled once
-  else:
-    embed = step_lib.make_embed_step(backbone)
-    fn, active_classes = jax.jit(lambda p, b, g, a: {"cell_emb": embed(p, b, g)}), None
-  outs = []
-  for b in batching.eval_batches(data, np.arange(data.n_cells), c2r, spec,
-                                 int(config.eval.mask_seed)):
-    o = jax.device_get(fn(params, b, active_genes, active_classes))
-    outs.append({k: np.asarray(v)[np.asarray(b.cell_mask)] for k, v in o.items()})
-  out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-  result = adata  # a fresh in-memory copy read from disk; the input file is not written
-  emb = np.full((adata.n_obs, out["cell_emb"].shape[1]), np.nan, np.float32)
-  emb[kept] = out["cell_emb"]
-  result.obsm["X_gil"] = emb
-  summary.update(cells=int(adata.n_obs), cells_without_expression=int(adata.n_obs - len(kept)),
-                 normalisation=norm)
-  if not embed_only:
-    names = np.asarray(meta["label_vocab"]["names"] + [UNASSIGNED], object)
-    c = config.canal
-    calib = meta.get("novelty") if novelty_rule == "run" else None
-    if calib:  # the run's validation-rule constants (energy range, threshold)
-      nov = novelty.apply_calibration(out["logits"], active_classes, calib)
-    else:  # CANAL's transductive rule on this query set
-      nov = novelty.canal_rule(out["logits"], out["m"], params["head"], active_classes,
-                               temperature=float(c.novelty_temperature),
-                               n_mix=int(c.novelty_mix), key=jax.random.PRNGKey(int(config.seed)))
-    pred = np.where(nov.unassigned, UNASSIGNED, names[np.argmax(out["logits"], -1)])
-    cell_type = np.full(adata.n_obs, UNASSIGNED, object)
-    cell_type[kept] = pred
-    score = np.full(adata.n_obs, np.nan, np.float32)
-    score[kept] = nov.score
-    result.obs["gil_cell_type"] = cell_type.astype(str)
-    result.obs["gil_novelty_score"] = score
-    result.obs["gil_unassigned"] = cell_type == UNASSIGNED
-    summary.update(novelty_rule=calib["rule"] if calib else "canal",
-                   novelty_threshold=round(float(nov.threshold), 4),
-                   unassigned=int(np.sum(cell_type == UNASSIGNED)))
-  if partial:
-    summary["partial_model"] = f"trained {done} of {total} stages (--allow-partial)"
-  result.uns["gil"] = {"workdir": os.path.abspath(workdir), **{k: v for k, v in summary.items()}}
-  write_atomic(result, output_path)
+  summary = model.annotate(adata, layer=layer, normalisation=normalisation,
+                           gene_column=gene_column, min_shared_genes=min_shared_genes,
+                           novelty_rule=novelty_rule, inplace=True, embed_only=embed_only)
+  write_atomic(adata, output_path)
   summary["output"] = output_path
   return summary
 
 
-__all__ = ["annotate_file", "QueryError", "DataError", "WorkdirError"]
+__all__ = ["Model", "annotate_file", "QueryError", "DataError", "WorkdirError"]

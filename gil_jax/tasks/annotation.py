@@ -220,10 +220,6 @@ class Runner(loop.Runner):
     results["annotation"]["gil_init"] = self.gil_init
     return results
 
-  def compilations(self) -> dict:
-    return {"train_step": self.train_step._cache_size(),
-            "eval_step": self.eval_step._cache_size()}
-
   def write_outputs(self, workdir: str, results: dict) -> None:
     report.write_outputs(workdir, results)
 

@@ -173,10 +173,6 @@ class Runner(loop.Runner):
   def meta(self, k: int) -> dict:
     return {"plan": self.plan.to_json(), "vocab": self.vocab(k).to_json()}
 
-  def compilations(self) -> dict:
-    return {"train_step": self.train_step._cache_size(),
-            "eval_step": self.eval_step._cache_size()}
-
   def write_outputs(self, workdir: str, results: dict) -> None:
     report.write_outputs(workdir, results)
 

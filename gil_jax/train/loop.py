@@ -188,7 +188,11 @@ class Runner:
     return []
 
   def compilations(self) -> dict:
-    return {"train_step": self.train_step._cache_size()}
+    """How often the jitted steps compiled (1 each: masks flip, shapes never change)."""
+    out = {"train_step": self.train_step._cache_size()}
+    if getattr(self, "eval_step", None) is not None:
+      out["eval_step"] = self.eval_step._cache_size()
+    return out
 
   # ----------------------------------------------------------------------------- inputs
 
