@@ -1,8 +1,9 @@
-"""`gil-jax` console entry: train (any task), annotate and embed.
+"""`gil-jax` console entry: train (any task), annotate, embed and info.
 
   gil-jax train    --config configs/X.py --workdir RUN [--config.a.b=value ...]
   gil-jax annotate --workdir RUN --input query.h5ad --output annotated.h5ad
   gil-jax embed    --workdir RUN --input query.h5ad --output embedded.h5ad
+  gil-jax info     --workdir RUN
 
 annotate / embed refuse an existing --output (unless --overwrite), an output that is the input
 (also through a link) and a workdir whose training has not finished (unless --allow-partial).
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("train", add_help=False,
                  help="train any config (config.task: gil | annotation); --helpfull for flags")
+  i = sub.add_parser("info", help="what a trained workdir is (task, method, stages, classes)")
+  i.add_argument("--workdir", required=True)
+  i.add_argument("--allow-partial", action="store_true")
   for name in ("annotate", "embed"):
     p = sub.add_parser(name, help=f"{name} a query .h5ad with a trained workdir")
     p.add_argument("--workdir", required=True)
@@ -161,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
   if rest:
     parser.error(f"unrecognised arguments: {rest}")
   try:
+    if args.command == "info":
+      import json
+      import gil_jax
+      print(json.dumps(gil_jax.load(args.workdir, args.allow_partial).info(), indent=1))
+      return 0
     return _annotate(args, embed_only=args.command == "embed")
   except (ValueError, OSError) as e:
     import os

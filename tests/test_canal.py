@@ -1,5 +1,6 @@
 """CANAL: head masking, bank, λ_t, novelty rule, annotate round trip and bad inputs."""
 
+import json
 import hashlib
 import os
 
@@ -320,6 +321,12 @@ def test_annotate_bad_inputs(trained, tmp_path):
   few.write_h5ad(few_path)
   with pytest.raises(annotate.QueryError, match="shares only 10 .* at least 20"):
     annotate.annotate_file(str(tmp / "run"), few_path, str(tmp_path / "o.h5ad"))
+  raw = a.copy()
+  raw.X = raw.X * 1000.5  # read-level, not integers, not log scale
+  raw_path = str(tmp_path / "raw.h5ad")
+  raw.write_h5ad(raw_path)
+  with pytest.raises(annotate.QueryError, match="neither integer counts nor log-normalised"):
+    annotate.annotate_file(str(tmp / "run"), raw_path, str(tmp_path / "o.h5ad"))
   with pytest.raises(annotate.QueryError, match="never modified in place"):
     annotate.annotate_file(str(tmp / "run"), path, path)
   with pytest.raises(WorkdirError, match="no checkpoints"):
@@ -372,3 +379,13 @@ def test_workdir_without_finished_stage(tmp_path):
   path, _ = _sim(tmp_path, n_cells=40)
   with pytest.raises(WorkdirError, match="no checkpoint of a finished stage"):
     annotate.annotate_file(str(tmp_path / "w"), path, str(tmp_path / "o.h5ad"))
+
+
+def test_info_command(trained, capsys):
+  from gil_jax import cli
+  tmp, _, _, res = trained
+  assert cli.main(["info", "--workdir", str(tmp / "run")]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["task"] == "annotation" and info["method"] == "canal"
+  assert info["stages_done"] == info["stages"] == len(res["stages"])
+  assert info["accuracy_matrix"] == res["accuracy_matrix"]

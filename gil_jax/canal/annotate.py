@@ -30,6 +30,7 @@ from gil_jax.canal.stream import normalise_values
 from gil_jax.data import anndata_io, batching
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
+from gil_jax.experiment import RAW_SCALE
 from gil_jax.train import step as step_lib
 from gil_jax.models import build_model
 
@@ -212,6 +213,13 @@ class Model:
     kept = np.flatnonzero(totals > 0)
     norm = (("log1p_cp10k" if data.is_counts else "none") if normalisation == "auto"
             else normalisation)
+    top = float(data.X.data.max()) if getattr(data.X, "data", np.zeros(0)).size else 0.0
+    if normalisation == "auto" and norm == "none" and top > RAW_SCALE:
+      raise QueryError(f"the query's values reach {top:.4g}: neither integer counts nor "
+                       "log-normalised expression (log1p CP10k stays below ~10). Normalise it "
+                       "first (scanpy.pp.normalize_total + log1p), or say what it is: "
+                       "--normalisation log1p_cp10k for non-integer counts (e.g. TPM), "
+                       "--normalisation none to use the values as they are.")
     data = normalise_values(data, norm, "query")
     min_shared = (min_shared_genes if min_shared_genes is not None else
                   int(config.get("canal", {}).get("min_shared_genes", 50)))
