@@ -304,7 +304,7 @@ def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
   np.testing.assert_allclose(part.obs["gil_confidence"].to_numpy(),
                              mem.obs["gil_confidence"].to_numpy()[:20], rtol=1e-5)
   info = model.info()
-  assert info["task"] == "annotation" and info["classes"] == r.uns["gil"]["classes"]
+  assert info["task"] == "annotation" and info["classes"] == list(r.uns["gil"]["classes"])
   canal = annotate.annotate_file(str(tmp / "run"), path, str(tmp_path / "c.h5ad"),
                                  novelty_rule="canal")
   assert canal["novelty_rule"] == "canal" and 0.0 < canal["novelty_threshold"] < 1.0

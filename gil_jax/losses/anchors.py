@@ -78,11 +78,13 @@ def mean_over_batches(fn, end: StageEnd, n_batches: int, params: Any) -> Any:
   """Mean of the pytree fn(params, inputs, rng, active_genes, active_classes) over n_batches of
   the stage (the masks at the stage end, as arrays: one compiled fn serves every stage).
 
-  The dropout key is fixed by the stage index, so a resumed run computes the same statistics.
+  The dropout key is fold_in(PRNGKey(config seed), stage), so a resumed run computes the same
+  statistics and another seed other ones.
   """
   if n_batches < 1:
     raise ValueError(f"need >= 1 batch to estimate importance, got {n_batches}")
-  rng, active = jax.random.PRNGKey(end.stage), jnp.asarray(end.active_genes)
+  rng = jax.random.fold_in(jax.random.PRNGKey(end.seed), end.stage)
+  active = jnp.asarray(end.active_genes)
   classes = None if end.active_classes is None else jnp.asarray(end.active_classes)
   total, n = None, 0
   for inputs in end.batches(n_batches):

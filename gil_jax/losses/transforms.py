@@ -43,6 +43,7 @@ class StageEnd:
   stage_rows: Any = None            # gene-table rows visible in this stage
   base_stage: bool = False          # this stage is a plan's base stage (base genes B only)
   active_classes: Any = None        # bool[class capacity] at the stage end (class-head tasks)
+  seed: int = 0                     # config.seed: keys of stage-end estimates derive from it
 
 
 class LossTransform(NamedTuple):

@@ -154,7 +154,7 @@ class Runner:
                     batches=lambda n: self.consolidation_batches(k, data, n),
                     stage_cells=data.stage_cells,
                     stage_rows=data.columns_to_rows[data.columns_to_rows > 0],
-                    active_classes=state.active_classes)
+                    active_classes=state.active_classes, seed=int(self.config.seed))
 
   def after_consolidation(self, k: int, state: TrainState, data: StageData) -> TrainState:
     """Task state updates at a stage end (e.g. the example bank)."""
@@ -284,10 +284,12 @@ class Runner:
 # --------------------------------------------------------------------------------- the loop
 
 def _setup_logging(workdir: str) -> None:
+  """`train.log` in the workdir gets the run's log; its first line says how the host runs."""
   handler = logging.FileHandler(os.path.join(workdir, "train.log"))
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   log.handlers = [h for h in log.handlers if not isinstance(h, logging.FileHandler)] + [handler]
   log.setLevel(logging.INFO)
+  handler.emit(log.makeRecord(log.name, logging.INFO, __file__, 0, hostenv.describe(), (), None))
 
 
 def open_workdir(workdir: str):
@@ -302,7 +304,6 @@ def open_workdir(workdir: str):
     with guards.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
          guards.Preemption(multi_process=multi) as preempt:
       _setup_logging(workdir)
-      log.info(hostenv.describe())
       yield preempt
 
   return opened()
