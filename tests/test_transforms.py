@@ -259,3 +259,27 @@ def test_ewc_fisher_uses_each_stages_own_task_loss():
   np.testing.assert_allclose(state["omega"]["w"], [1.0, 4.0])
   state = transform.consolidate(state, params, end(1, 10.0))
   np.testing.assert_allclose(state["omega"]["w"], [101.0, 404.0])  # 1 + 100, 4 + 400
+
+
+def test_ewc_fisher_reads_the_stage_ends_active_classes():
+  """One task loss for every stage (as the annotation task has): the classes active at a stage
+  end reach it through the loss context, so each stage's Fisher sees its own classes."""
+  from gil_jax.config_base import base_config
+  from gil_jax.losses import ewc as ewc_lib
+  config = base_config()
+  config.ewc.normalize = False
+  transform = ewc_lib.ewc(config)
+  params = {"w": jnp.ones((3,), jnp.float32)}
+
+  def task_loss(p, tstates, inputs, ctx):  # a loss over the active classes' weights only
+    return jnp.sum(jnp.where(ctx.active_classes, p["w"], 0.0) * inputs["main"]), {}
+
+  def end(k, classes):
+    return StageEnd(stage=k, params=params, active_genes=np.ones(4, bool), task_loss=task_loss,
+                    batches=lambda n: ({"main": jnp.array([1.0, 2.0, 3.0])} for _ in range(n)),
+                    active_classes=np.asarray(classes))
+
+  state = transform.consolidate(transform.init(params), params, end(0, [True, False, False]))
+  np.testing.assert_allclose(state["omega"]["w"], [1.0, 0.0, 0.0])
+  state = transform.consolidate(state, params, end(1, [True, True, True]))
+  np.testing.assert_allclose(state["omega"]["w"], [2.0, 4.0, 9.0])  # stage 1 adds 1, 4, 9
