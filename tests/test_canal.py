@@ -389,3 +389,5 @@ def test_info_command(trained, capsys):
   assert info["task"] == "annotation" and info["method"] == "canal"
   assert info["stages_done"] == info["stages"] == len(res["stages"])
   assert info["accuracy_matrix"] == res["accuracy_matrix"]
+  card = open(tmp / "run" / "model_card.md").read()
+  assert "task: `annotation`, method: `canal`" in card and "trained: 2 of 2 stages" in card

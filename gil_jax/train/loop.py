@@ -440,6 +440,8 @@ def run(runner: Runner, workdir: str, ckpt: checkpoint.Checkpointer, preempt,
       guards.check_state_finite(state, config, step=n_steps, stage=k, stage_name=name,
                                 ckpt=ckpt)
       save(k, {"stage": k, "step_in_stage": n_steps, "stage_done": True, "seconds": 0.0})
+      if jax.process_index() == 0:
+        write_model_card(workdir, runner, results, k)
       if k < n_stages - 1 and preempt.should_stop(int(state.step)):
         raise guards.Interrupted(guards.interrupted_message(
             preempt.signal, f"the end of stage {k} ({name})", int(state.step), ckpt.directory))
@@ -462,6 +464,36 @@ def run(runner: Runner, workdir: str, ckpt: checkpoint.Checkpointer, preempt,
   if jax.process_index() == 0:
     runner.write_outputs(workdir, results)
   return results
+
+
+def write_model_card(workdir: str, runner: Runner, results: dict, k: int) -> None:
+  """`model_card.md`: what the model in this workdir is, rewritten at every stage end."""
+  from gil_jax import __version__
+  from gil_jax.eval.report import markdown_table
+  config, names = runner.config, runner.stage_names
+  matrix, what = ((results["accuracy_matrix"], "accuracy on each stage's held-out cells")
+                  if "accuracy_matrix" in results else
+                  (results["gene_regression"]["matrix"],
+                   "masked-expression MSE on each stage's genes (held-out cells)"))
+  n_cols = len(matrix[0]) if matrix else 0
+  columns = names if n_cols == len(names) else [f"stage {j}" for j in range(n_cols)]
+  lines = [f"# Model card: {config.experiment}", "",
+           f"- task: `{runner.task}`, method: `{config.method}`, loss transforms: "
+           f"{', '.join(results.get('transforms') or []) or 'none'}",
+           f"- trained: {k + 1} of {len(names)} stages ({', '.join(names[:k + 1])})",
+           f"- backbone: `{config.model.name}`, d_model {config.model.d_model}, "
+           f"{config.model.n_layers} layers, value encoding `{config.model.get('value_encoding')}`",
+           f"- gil_jax {__version__}; packages: "
+           + ", ".join(f"{p} {v}" for p, v in (results.get("versions") or {}).items()),
+           f"- config fingerprint `{checkpoint.fingerprint(config)}`",
+           f"- use: `gil_jax.load('{workdir}')`, or `gil-jax annotate|embed|info --workdir "
+           f"{workdir}`",
+           "", f"After each stage (rows), {what} of each stage (columns):", "",
+           markdown_table(["after \\ of"] + columns,
+                          [[names[i]] + list(row) for i, row in enumerate(matrix) if i <= k]),
+           ""]
+  with open(os.path.join(workdir, "model_card.md"), "w") as f:
+    f.write("\n".join(lines))
 
 
 def _meta(runner: Runner, k: int, results: dict, progress: dict) -> dict:
