@@ -51,6 +51,9 @@ def get_config():
   c.batch.n_tokens = 256
   c.batch.sampling = "weighted"
   c.eval.batch_size = 128
+  # soft-binned values (measured, README "Measured: CANAL"): the additive encoder reached only
+  # 0.52 accuracy on this stream, soft bins 0.95
+  c.model.value_encoding = "softbin"
   c.model.d_model = 32
   c.model.n_latents = 16
   c.model.n_layers = 1
