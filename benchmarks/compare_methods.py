@@ -73,6 +73,16 @@ def run_one(config, workdir: str) -> dict:
   return results
 
 
+def finished(workdir: str) -> dict:
+  """results.json and wall time of a finished run, as it was (no config check: --aggregate_only
+  tabulates runs made by earlier revisions too)."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, "wall_time.json")) as f:
+    results["wall_s"] = json.load(f)["wall_s"]
+  return results
+
+
 def _ratio(results: dict, i: int, j: int) -> float:
   v = results["gene_regression"]["ratio_to_best_baseline"][i][j]
   return np.nan if v is None else v
@@ -222,7 +232,7 @@ def main(argv):
       if FLAGS.aggregate_only and not os.path.exists(os.path.join(workdir, "wall_time.json")):
         print(json.dumps({"method": m, "seed": s, "missing": workdir}), flush=True)
         continue
-      results = run_one(config, workdir)
+      results = finished(workdir) if FLAGS.aggregate_only else run_one(config, workdir)
       results["seed"] = s
       per_run.setdefault(m, []).append(results)
       print(json.dumps({"method": m, "seed": s, "average_forgetting":
