@@ -184,6 +184,15 @@ class Model:
       outs.append({k: np.asarray(v)[np.asarray(b.cell_mask)] for k, v in o.items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
+  def check_request(self, novelty_rule: str, embed_only: bool) -> None:
+    """QueryError / WorkdirError for a request this model cannot serve (before any work)."""
+    if novelty_rule not in ("run", "canal"):
+      raise QueryError(f"--novelty-rule {novelty_rule!r}: use 'run' (the run's rule) or 'canal'.")
+    if not embed_only and not self.is_annotation:
+      raise WorkdirError(f"workdir {self.workdir!r} is not an annotation run (no class head); "
+                         "use `gil-jax embed` (model.embed), or train with `gil-jax train "
+                         "--config configs/canal_*.py`.")
+
   def embed(self, adata: ad.AnnData, *, inplace: bool = False, **kw) -> ad.AnnData | dict:
     """`obsm['X_gil']` (cell embeddings) for `adata`; a copy unless `inplace` (then the summary
     dict is returned). Keywords as `annotate`."""
@@ -199,12 +208,7 @@ class Model:
     novelty_rule='canal' for CANAL's transductive rule on this query), `obsm['gil_probabilities']`
     (columns: `uns['gil']['classes']`), `obsm['X_gil']`. Returns an annotated copy, or with
     `inplace=True` writes into `adata` and returns the summary dict."""
-    if novelty_rule not in ("run", "canal"):
-      raise QueryError(f"--novelty-rule {novelty_rule!r}: use 'run' (the run's rule) or 'canal'.")
-    if not embed_only and not self.is_annotation:
-      raise WorkdirError(f"workdir {self.workdir!r} is not an annotation run (no class head); "
-                         "use `gil-jax embed` (model.embed), or train with `gil-jax train "
-                         "--config configs/canal_*.py`.")
+    self.check_request(novelty_rule, embed_only)
     config = self.config
     data = anndata_io.from_anndata(adata.copy(), layer=layer or None,
                                    gene_column=gene_column or None, name="query")
@@ -285,15 +289,11 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
                   overwrite: bool = False, allow_partial: bool = False) -> dict:
   """`gil-jax annotate` / `embed`: `Model(workdir).annotate(...)` of the query file, written to
   a new file (atomically; the input is only read). Returns the summary."""
-  if novelty_rule not in ("run", "canal"):
-    raise QueryError(f"--novelty-rule {novelty_rule!r}: use 'run' (the run's rule) or 'canal'.")
   check_output(input_path, output_path, overwrite)
   if not os.path.isfile(input_path):
     raise QueryError(f"query file not found: {input_path!r}")
   model = Model(workdir, allow_partial=allow_partial)
-  if not embed_only and not model.is_annotation:
-    raise WorkdirError(f"workdir {workdir!r} is not an annotation run (no class head); use "
-                       "`gil-jax embed`, or train with `gil-jax train --config configs/canal_*.py`.")
+  model.check_request(novelty_rule, embed_only)
   try:
     adata = ad.read_h5ad(input_path)
   except Exception as e:  # noqa: BLE001 -- any read failure means the query is unusable

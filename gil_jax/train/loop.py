@@ -13,6 +13,7 @@ compile counts and results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -292,21 +293,16 @@ def _setup_logging(workdir: str) -> None:
   handler.emit(log.makeRecord(log.name, logging.INFO, __file__, 0, hostenv.describe(), (), None))
 
 
+@contextlib.contextmanager
 def open_workdir(workdir: str):
-  """Context manager: the workdir's lock (process 0) and SIGTERM / SIGINT handling; `train.log`
-  set up. Yields the preemption handler."""
-  import contextlib
-
-  @contextlib.contextmanager
-  def opened():
-    guards.prepare_workdir(workdir)
-    multi = jax.process_count() > 1
-    with guards.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-         guards.Preemption(multi_process=multi) as preempt:
-      _setup_logging(workdir)
-      yield preempt
-
-  return opened()
+  """The workdir's lock (process 0) and SIGTERM / SIGINT handling, with `train.log` set up;
+  yields the preemption handler."""
+  guards.prepare_workdir(workdir)
+  multi = jax.process_count() > 1
+  with guards.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+       guards.Preemption(multi_process=multi) as preempt:
+    _setup_logging(workdir)
+    yield preempt
 
 
 def run(runner: Runner, workdir: str, ckpt: checkpoint.Checkpointer, preempt,
