@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from gil_jax import hostenv, parallel  # noqa: E402
 from gil_jax.batch import Batch  # noqa: E402
 from gil_jax.config_base import base_config  # noqa: E402
+from gil_jax.experiment import as_names  # noqa: E402
 from gil_jax.losses import objectives, registry  # noqa: E402
 from gil_jax.models import build_model, paper_transformer_config  # noqa: E402
 from gil_jax.train.state import init_state, make_optimizer  # noqa: E402
@@ -91,7 +92,7 @@ def build_config(args):
   c.genes.capacity = args.capacity
   c.batch.batch_size, c.batch.n_tokens = args.batch, args.seq_len
   c.train.likelihood = args.likelihood
-  c.loss_transforms = args.transforms
+  c.loss_transforms = tuple(as_names(args.transforms))
   c.mesh.data, c.mesh.model = args.mesh_data, args.mesh_model
   return c
 

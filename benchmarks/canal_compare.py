@@ -31,6 +31,7 @@ hostenv.use_huge_pages()  # see gil_jax/hostenv.py
 import numpy as np  # noqa: E402
 
 from gil_jax import guards  # noqa: E402
+from gil_jax.experiment import as_names  # noqa: E402
 from gil_jax.losses import registry  # noqa: E402
 from gil_jax.tasks import annotation  # noqa: E402
 from gil_jax.eval.report import markdown_table  # noqa: E402
@@ -82,7 +83,8 @@ def markdown(summary: dict, config, command: str) -> str:
   first = summary[modes[0]]
   lines = [f"# Continual annotation, mode comparison: {config.experiment}", "",
            f"Stream: {', '.join(first['stage_names'])} (test-only: "
-           f"{config.canal.test_only or 'none'}; withheld: {config.canal.withhold or 'none'}). "
+           f"{', '.join(as_names(config.canal.test_only)) or 'none'}; withheld: "
+           f"{', '.join(as_names(config.canal.withhold)) or 'none'}). "
            f"Seed {config.seed}. Accuracy / macro-F1 / ARI: held-out cells of every training "
            "stage after the last stage; BWT = mean_j (A[T,j] − A[j,j]) (closer to 0 = less "
            "forgetting). Modes with the example bank (canal, replay) train on stage cells + bank "

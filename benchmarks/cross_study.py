@@ -97,7 +97,7 @@ STUDIES = {
 # 'activated_stellate' (the only stellate type elsewhere). PBMC: Ding's 'Cytotoxic T cell' as
 # CD8 T; Symphony's MK (7 cells) and HSC (3 cells) occur in no other study and are dropped.
 LABEL_MAPS = {"pancreas": canal_pancreas.PANCREAS_LABELS, "pbmc": canal_pbmc.PBMC_LABELS}
-DROP = {"pancreas": "", "pbmc": "MK, HSC"}
+DROP = {"pancreas": (), "pbmc": ("MK", "HSC")}
 BASE = {"pancreas": canal_pancreas.get_config, "pbmc": canal_pbmc.get_config}
 WITHIN = "(within-study test split of the training studies)"
 METHODS = ("joint", "canal", "logistic_regression", "knn_pca")
@@ -135,8 +135,8 @@ def make_config(tissue: str, held_out: str, mode: str, seed: int, paths: dict[st
   c.canal.sources = ml_collections.ConfigDict({
       p: _src(paths[p], PARTS[tissue][p][1], PARTS[tissue][p][2], layer=PARTS[tissue][p][3])
       for p in train + test})
-  c.canal.stage_order = ",".join(train)
-  c.canal.test_only = ",".join(test)
+  c.canal.stage_order = tuple(train)
+  c.canal.test_only = tuple(test)
   c.canal.label_map = LABEL_MAPS[tissue]
   c.canal.drop_labels = DROP[tissue]
   c.method = mode
@@ -282,8 +282,9 @@ def markdown(agg: dict, meta: dict) -> str:
   for m in header_models:
     header += [f"{m}: seen types", f"{m}: unseen types"]
   lines += ["## Fraction flagged novel", "", markdown_table(header, rows), "",
-            "Dropped labels: " + "; ".join(f"{t}: {DROP[t] or 'none'}" for t in DROP) +
-            ". Label maps: " + "; ".join(f"{t}: `{LABEL_MAPS[t]}`" for t in LABEL_MAPS), ""]
+            "Dropped labels: " + "; ".join(f"{t}: {', '.join(DROP[t]) or 'none'}" for t in DROP) +
+            ". Label maps: " + "; ".join(f"{t}: `{'; '.join(LABEL_MAPS[t])}`" for t in LABEL_MAPS),
+            ""]
   return "\n".join(lines)
 
 

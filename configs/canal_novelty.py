@@ -19,7 +19,7 @@ from configs import canal_pancreas
 def get_config():
   c = canal_pancreas.get_config()
   c.experiment = "canal_pancreas_novelty"
-  c.canal.withhold = "alpha"
+  c.canal.withhold = ("alpha",)
   c.canal.novelty_rule = "validation_auto"
   c.canal.novelty_quantile = 0.9  # only used by novelty_rule='validation'
   return c

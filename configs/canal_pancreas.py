@@ -13,11 +13,12 @@ import ml_collections
 
 from gil_jax.config_base import base_config
 
-PANCREAS_LABELS = ("acinar; activated_stellate; alpha; beta; delta; ductal; endothelial; gamma; "
-                   "macrophage; stellate=activated_stellate")
+# label map entries (gil_jax/canal/labels.py): a bare name is a canonical name, 'from=to' renames
+PANCREAS_LABELS = ("acinar", "activated_stellate", "alpha", "beta", "delta", "ductal",
+                   "endothelial", "gamma", "macrophage", "stellate=activated_stellate")
 
 
-def _src(file, label_column, normalisation, layer="", split_column="", split_values=""):
+def _src(file, label_column, normalisation, layer="", split_column="", split_values=()):
   return ml_collections.ConfigDict(dict(
       file=file, label_column=label_column, layer=layer, normalisation=normalisation,
       gene_column="", split_column=split_column, split_values=split_values))
@@ -30,14 +31,15 @@ def get_config():
   c.data.label_column = "cell_type"
   c.canal.sources = ml_collections.ConfigDict(dict(
       panc8=_src("pancreas_panc8_small_bbknnR", "celltype", "none", layer="lognorm",
-                 split_column="tech", split_values="celseq,celseq2,fluidigmc1,indrop,smartseq2"),
+                 split_column="tech",
+                 split_values=("celseq", "celseq2", "fluidigmc1", "indrop", "smartseq2")),
       baron=_src("pancreas_baron_hs_mm_CIDER", "Group", "log1p_cp10k"),
       xin=_src("pancreas_xin_scClassify", "cell_type", "none"),
       wang=_src("pancreas_wang_scClassify", "cell_type", "none"),
   ))
-  c.canal.test_only = "wang"
-  c.canal.stage_order = ("panc8:celseq,panc8:celseq2,panc8:fluidigmc1,panc8:indrop,panc8:smartseq2,"
-                         "baron,xin")
+  c.canal.test_only = ("wang",)
+  c.canal.stage_order = ("panc8:celseq", "panc8:celseq2", "panc8:fluidigmc1", "panc8:indrop",
+                         "panc8:smartseq2", "baron", "xin")
   c.canal.label_map = PANCREAS_LABELS
   c.task = "annotation"
   c.method = "canal"

@@ -18,11 +18,11 @@ the paper-size model: configs/gil_paper_size.py.
 from gil_jax import models
 from gil_jax.config_base import base_config
 
-PRETRAIN = "pbmc_3chem_10x_scWGParis_nolabels,kang_pbmc_harmony_nolabels"
+PRETRAIN = ("pbmc_3chem_10x_scWGParis_nolabels", "kang_pbmc_harmony_nolabels")
 
 
-def get_config(downstream: str = "cellbench_3cl_3tech_outer:cell_line,"
-                                 "pbmc_3chem_symphony:cell_type"):
+def get_config(downstream: tuple[str, ...] = ("cellbench_3cl_3tech_outer:cell_line",
+                                              "pbmc_3chem_symphony:cell_type")):
   c = base_config("transformer")
   c.experiment = "gil_paper_2stage"
   c.data.source = "h5ad"
@@ -45,5 +45,5 @@ def get_config(downstream: str = "cellbench_3cl_3tech_outer:cell_line,"
                                      # runs of the same config (runs/paper_tables_e12, _final)
   c.train.checkpoint_every = 1000
   c.train.log_every = 20
-  c.eval.stage_evaluators = "gene_classification"
+  c.eval.stage_evaluators = ("gene_classification",)
   return c

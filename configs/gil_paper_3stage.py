@@ -13,7 +13,7 @@ from configs import gil_paper_2stage
 
 
 def get_config():
-  c = gil_paper_2stage.get_config(
-      "kang_pbmc_muscat:cluster_id,pbmc_3chem_symphony:cell_type,cellbench_3cl_3tech_outer:cell_line")
+  c = gil_paper_2stage.get_config(("kang_pbmc_muscat:cluster_id", "pbmc_3chem_symphony:cell_type",
+                                   "cellbench_3cl_3tech_outer:cell_line"))
   c.experiment = "gil_paper_3stage"
   return c

@@ -12,7 +12,7 @@ or files is in the labelled PBMC stream (the Kang file here is the harmony subse
 
 from gil_jax.config_base import base_config
 
-PRETRAIN = "pbmc_3chem_10x_scWGParis_nolabels,kang_pbmc_harmony_nolabels"
+PRETRAIN = ("pbmc_3chem_10x_scWGParis_nolabels", "kang_pbmc_harmony_nolabels")
 
 
 def get_config():

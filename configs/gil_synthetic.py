@@ -24,7 +24,7 @@ def get_config():
   c.data.sim.n_batches = 3
   c.stages.plan = "expressed"
   c.stages.obs_column = "batch"
-  c.stages.order = "batch0,batch1,batch2"
+  c.stages.order = ("batch0", "batch1", "batch2")
   c.model.value_encoding = "softbin"
   c.train.learning_rate = 2e-3
   c.train.epochs_per_stage = 20

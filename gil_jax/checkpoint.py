@@ -44,8 +44,39 @@ def config_for_fingerprint(config: ml_collections.ConfigDict) -> dict:
   return d
 
 
+def comparable(d: dict) -> dict:
+  """A config dict (`config_for_fingerprint`, or a checkpoint's saved one) with its list fields
+  (config_base.LIST_FIELDS, NUMBER_LIST_FIELDS, LABEL_MAP_FIELD) written as the comma strings of
+  earlier revisions ('a,b'; the label map 'x; y=z'): a tuple and the equivalent string compare,
+  and hash, the same, so runs of earlier revisions keep their fingerprint."""
+  from gil_jax.canal.labels import label_map_entries
+  from gil_jax.config_base import LABEL_MAP_FIELD, LIST_FIELDS, NUMBER_LIST_FIELDS
+  from gil_jax.experiment import as_floats, as_names
+
+  def numbers(v):
+    try:
+      return ",".join(str(x) for x in as_floats(v))
+    except ValueError:  # not numbers: compared as written
+      return v
+
+  d = json.loads(json.dumps(d))
+  for fields, canonical in ((LIST_FIELDS, lambda v: ",".join(as_names(v))),
+                            (NUMBER_LIST_FIELDS, numbers),
+                            ((LABEL_MAP_FIELD,), lambda v: "; ".join(label_map_entries(v)))):
+    for field in fields:
+      *parents, leaf = field.split(".")
+      nodes = [d]
+      for p in parents:
+        nodes = [c for n in nodes for c in (n.values() if p == "*" else [n.get(p)])
+                 if isinstance(c, dict)]
+      for n in nodes:
+        if leaf in n and isinstance(n[leaf], (str, list, tuple)):
+          n[leaf] = canonical(n[leaf])
+  return d
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> str:
-  blob = json.dumps(config_for_fingerprint(config), sort_keys=True)
+  blob = json.dumps(comparable(config_for_fingerprint(config)), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -147,7 +178,10 @@ class Checkpointer:
       return
     if meta.get("fingerprint") == fingerprint(config):
       return
-    diff = config_diff(meta.get("config", {}), config_for_fingerprint(config))
+    diff = config_diff(comparable(meta.get("config", {})),
+                       comparable(config_for_fingerprint(config)))
+    if not diff:  # the same config, a list field written another way ('a, b' for ('a', 'b'))
+      return
     raise WorkdirMismatchError(
         f"workdir {os.path.dirname(self.directory)} holds checkpoints of experiment "
         f"{meta.get('experiment')!r} made with a different config ({len(diff)} fields differ: "

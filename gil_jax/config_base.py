@@ -1,6 +1,11 @@
 """The complete default experiment config; every config file starts from `base_config()`.
 
 All fields exist here so that a locked config rejects unknown `--config.x=...` overrides.
+
+List-valued fields (LIST_FIELDS) hold tuples, read with `experiment.as_names` (or `as_floats`).
+On the command line: `--config.stages.order='("batch0","batch1")'`, repeated flags
+(`--config.stages.order=batch0 --config.stages.order=batch1`) or the comma form
+`--config.stages.order=batch0,batch1`.
 """
 
 from __future__ import annotations
@@ -8,6 +13,46 @@ from __future__ import annotations
 import ml_collections
 
 from gil_jax import models
+
+# The list-valued fields (tuples; comma-separated strings in earlier revisions). '*' stands for
+# any key (one entry per source). The checkpoint fingerprint compares them by their items.
+LIST_FIELDS = ("loss_transforms", "data.files", "stages.order", "downstream.datasets",
+               "eval.stage_evaluators", "canal.stage_order", "canal.test_only",
+               "canal.drop_labels", "canal.withhold", "canal.sources.*.split_values")
+NUMBER_LIST_FIELDS = ("stages.cell_ratios",)
+# config.canal.label_map: a tuple of 'from=to' / 'name' entries (';'-separated in a string; see
+# gil_jax/canal/labels.py) -- commas may occur in cell-type names.
+LABEL_MAP_FIELD = "canal.label_map"
+
+
+def _register_list_override_parser() -> None:
+  """Replaces ml_collections' parser of `--config.x=...` overrides of tuple fields by one that
+  keeps a value it cannot read as a Python literal as one string element instead of raising, so
+  the comma form `--config.canal.stage_order=panc8:celseq,baron` (or a list of paths, or a name
+  with spaces) arrives as ('panc8:celseq,baron',), whose commas `experiment.as_names` splits.
+  (The stock parser does this by itself for plain names like `batch0,batch1`, but raises on ':',
+  '/', '=' or a space when the value holds a comma or a space.)"""
+  try:
+    from ml_collections import config_flags
+    from ml_collections.config_flags import tuple_parser
+    register = config_flags.register_flag_parser_for_type
+  except (ImportError, AttributeError):  # older ml_collections: quote the tuple instead
+    return
+
+  class ListOverrideParser(tuple_parser.TupleParser):  # a TupleParser: repeated flags append
+
+    def parse(self, argument):
+      try:
+        return super().parse(argument)
+      except ValueError:
+        return (argument,)
+
+  register(tuple, ListOverrideParser())
+
+
+# Config files import this module, so the parser is in place before config_flags parses their
+# overrides (it looks up the parser of each overridden field's type after loading the file).
+_register_list_override_parser()
 
 
 def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
@@ -21,7 +66,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   # baseline, replay, distill, ewc, online_ewc, l2, mas, oracle, replay_distill; annotation:
   # canal, finetune, replay, distill, lwf, ewc, joint.
   c.method = "baseline"
-  c.loss_transforms = ""  # comma-separated names; empty = the preset's list
+  c.loss_transforms = ()  # tuple of transform names; () = the preset's list
   # Per-transform hyperparameters: one section per transform name (gil_jax/losses/*.py), e.g.
   # --config.method=ewc --config.ewc.weight=100. Only the sections of listed transforms are read.
   c.replay = ml_collections.ConfigDict(dict(
@@ -38,7 +83,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"       # 'synthetic' | 'h5ad'
   c.data.data_dir = "../shared/data"
-  c.data.files = ""                 # comma-separated .h5ad names (relative to data_dir) or paths
+  c.data.files = ()                 # tuple of .h5ad names (relative to data_dir) or paths
   c.data.layer = ""                 # '' = X
   c.data.gene_column = ""           # '' = var_names
   c.data.label_column = ""
@@ -57,17 +102,17 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.stages.base_fraction = 0.6      # share of genes in the base set B (random plan)
   c.stages.eval_fraction = 0.1      # held-out cells for gene-wise regression
   c.stages.obs_column = ""          # partition cells by this obs column instead of ratios
-  c.stages.order = ""               # comma-separated datasets / obs values, in stage order
+  c.stages.order = ()               # tuple of datasets / obs values, in stage order
   # plan 'crucial' (GIL paper benchmark): T_k = top-K genes of downstream dataset k (see
   # config.downstream), de-duplicated with the 20/100 rank rules; B = all other genes.
   c.stages.top_k = 150              # crucial genes per downstream dataset (before dedup)
   c.stages.keep_rank1 = 20          # dedup rule thresholds (0-based ranks), gil.md §1.2
   c.stages.keep_rank2 = 100
-  c.stages.cell_ratios = ""         # comma-separated cell shares per stage incl. base; '' = paper
+  c.stages.cell_ratios = ()         # tuple of cell shares per stage incl. base; () = paper
 
   # Labelled downstream datasets: crucial genes (plan 'crucial') and gene-based classification.
   c.downstream = ml_collections.ConfigDict()
-  c.downstream.datasets = ""        # 'name:label_column,...' (.h5ad under config.data.data_dir)
+  c.downstream.datasets = ()        # ('name:label_column', ...) (.h5ad under config.data.data_dir)
   c.downstream.gene_column = ""     # '' = var_names
   c.downstream.layer = ""           # '' = X
 
@@ -106,7 +151,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   c.eval.mask_seed = 1234
-  c.eval.stage_evaluators = ""      # comma-separated names from gil_jax/eval/hooks.py
+  c.eval.stage_evaluators = ()      # tuple of names from gil_jax/eval/hooks.py
   # Gene-based classification ('gene_classification' evaluator, gil_jax/eval/probe.py).
   c.eval.probe = ml_collections.ConfigDict(dict(
       trials=3, train_fraction=0.7, val_fraction=0.1, learning_rate=5e-3, batch_size=64,
@@ -118,8 +163,9 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   # the method is config.method, the stage length config.train.epochs_per_stage.
   c.canal = ml_collections.ConfigDict(dict(
       sources=ml_collections.ConfigDict(),  # name -> {file, label_column, layer, normalisation,
-                                            #   gene_column, split_column, split_values}
-      stage_order="", test_only="", label_map="", drop_labels="", withhold="",
+                                            #   gene_column, split_column, split_values (tuple)}
+      # tuples of stage / source / label names; label_map: ('from=to' or 'name', ...)
+      stage_order=(), test_only=(), label_map=(), drop_labels=(), withhold=(),
       test_fraction=0.25, val_fraction=0.1, max_classes=32, bank_size=1000,
       distill_weight=0.1, label_smoothing=0.1, lwf_weight=1.0, lwf_temperature=2.0,
       hidden1=128, hidden2=64, trainable="all", trainable_blocks=1, init_workdir="",

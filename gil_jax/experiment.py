@@ -29,9 +29,44 @@ def check_value_scale(data: anndata_io.CellData, normalisation: str) -> float | 
   return top
 
 
-def split_list(s: str) -> list[str]:
-  """A comma-separated config string -> its non-empty, stripped items."""
-  return [x.strip() for x in s.split(",") if x.strip()]
+def as_names(value) -> list[str]:
+  """A list-valued config field (e.g. config.stages.order) -> its non-empty, stripped names.
+
+  Config files write these fields as tuples of strings. An element holding commas is split, so
+  the override `--config.stages.order=a,b` (which ml_collections' tuple parser keeps as the one
+  element 'a,b') names two stages; a plain comma-separated string (configs and saved runs of
+  earlier revisions) is read the same way. None and '' give []. Non-string elements (numbers
+  that the tuple parser read from `--config.x=1,2`) are written with str().
+  """
+  if value is None:
+    return []
+  if isinstance(value, str):
+    items = [value]
+  elif isinstance(value, (list, tuple)):
+    items = list(value)
+  else:
+    raise TypeError(f"expected a tuple of names or a comma-separated string, got "
+                    f"{type(value).__name__} {value!r}")
+  return [x.strip() for item in items if item is not None
+          for x in str(item).split(",") if x.strip()]
+
+
+def as_floats(value, field: str = "") -> list[float]:
+  """`as_names` for a list of numbers (config.stages.cell_ratios): a tuple of numbers, or names
+  that are numbers ('0.5,0.25,0.25' from an override or an earlier revision's string)."""
+  items = list(value) if isinstance(value, (list, tuple)) else [value]
+  out = []
+  for item in items:
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+      out.append(float(item))
+      continue
+    for x in as_names(item):
+      try:
+        out.append(float(x))
+      except ValueError:
+        raise DataError(f"{field or 'a list of numbers'}: {x!r} is not a number; write a tuple "
+                        "of numbers, e.g. (0.5, 0.25, 0.25).") from None
+  return out
 
 
 def resolve_path(name: str, data_dir: str) -> str:
@@ -51,9 +86,9 @@ def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
     return simulate.simulate_cell_data(simulate.SimConfig(**d.sim.to_dict()))
   if d.source != "h5ad":
     raise DataError(f"unknown config.data.source {d.source!r}; use 'synthetic' or 'h5ad'")
-  files = split_list(d.files)
+  files = as_names(d.files)
   if not files:
-    raise DataError("config.data.source='h5ad' needs config.data.files (comma-separated .h5ad "
+    raise DataError("config.data.source='h5ad' needs config.data.files (a tuple of .h5ad "
                     "names under config.data.data_dir, or paths)")
   if d.lazy and len(files) != 1:
     raise DataError(f"config.data.lazy=True reads exactly one .h5ad file, got {len(files)} "
@@ -92,7 +127,7 @@ def _load_lazy(config: ml_collections.ConfigDict, files: list[str],
 
 def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> stages.StagePlan:
   s = config.stages
-  order = split_list(s.order) or None
+  order = as_names(s.order) or None
   if s.plan == "random":
     plan = stages.random_gene_plan(
         data, n_stages=s.n_stages, base_fraction=s.base_fraction, eval_fraction=s.eval_fraction,
@@ -132,7 +167,7 @@ def expressed_plan(config: ml_collections.ConfigDict,
   genes = np.asarray(data.gene_ids)
   base = list(genes[np.sort(order[n_specific:])])
   specific = [list(genes[np.sort(part)]) for part in np.array_split(pool, s.n_stages)]
-  obs_order = split_list(s.order) or None
+  obs_order = as_names(s.order) or None
   return stages.explicit_plan(
       data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,
       base_stage=s.base_stage,
@@ -160,7 +195,7 @@ def module_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) ->
   base = list(genes[np.isin(module, ids[:n_base])])
   specific = [list(genes[np.isin(module, part)])
               for part in np.array_split(ids[n_base:], s.n_stages)]
-  order = split_list(s.order) or None
+  order = as_names(s.order) or None
   return stages.explicit_plan(
       data, specific, base, eval_fraction=s.eval_fraction, seed=config.seed,
       base_stage=s.base_stage,
@@ -183,12 +218,12 @@ def crucial_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData,
   """Plan 'crucial': one stage per downstream dataset (config.stages.order), after a base stage."""
   s = config.stages
   by_name = {ds.name: ds for ds in datasets}
-  order = split_list(s.order) or [ds.name for ds in datasets]
+  order = as_names(s.order) or [ds.name for ds in datasets]
   unknown = [n for n in order if n not in by_name]
   if unknown:
     raise DataError(f"config.stages.order names {unknown}, which are not downstream datasets; "
                     f"known: {list(by_name)} (config.downstream.datasets).")
-  ratios = [float(x) for x in split_list(s.cell_ratios)] or None
+  ratios = as_floats(s.cell_ratios, "config.stages.cell_ratios") or None
   ranked = [downstream.top_genes(data, by_name[n].data, s.top_k, config.batch.normalisation)
             for n in order]
   return stages.crucial_gene_plan(data, ranked, order, keep_rank1=s.keep_rank1,

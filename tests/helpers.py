@@ -51,7 +51,7 @@ def tiny_canal_config(path: str, experiment: str = "canal_test", capacity: int =
   c.task, c.method = "annotation", method
   c.canal.sources = ml_collections.ConfigDict(dict(sim=dict(
       file=path, label_column="cell_type", normalisation="log1p_cp10k", split_column="batch",
-      split_values="")))
+      split_values=())))
   c.genes.capacity = capacity
   c.batch.batch_size = 16
   c.batch.n_tokens = 32

@@ -172,7 +172,7 @@ def trained(tmp_path_factory, gil_run):
   path, a = _sim(tmp, n_genes=CANAL_GENES)
   # novelty setting: type0 never trained on; CANAL's trainable set (last block(s) and head);
   # novelty threshold from validation cells with q chosen on them (saved for `annotate`)
-  c = _config(path, withhold="type0", init_workdir=gil_run[0], trainable="last_blocks",
+  c = _config(path, withhold=("type0",), init_workdir=gil_run[0], trainable="last_blocks",
               novelty_rule="validation_auto", val_fraction=0.2)
   res = loop.train_annotation(c, str(tmp / "run"))
   return tmp, path, a, res
@@ -197,7 +197,7 @@ def test_sharded_annotation_matches_one_device(trained, gil_run):
   """The fixture ran on a mesh of the 8 simulated devices (config.mesh.data=-1); one device
   gives the same accuracy matrix and losses (float32 reduction order only)."""
   tmp, path, _, res = trained
-  c = _config(path, withhold="type0", init_workdir=gil_run[0], trainable="last_blocks",
+  c = _config(path, withhold=("type0",), init_workdir=gil_run[0], trainable="last_blocks",
               novelty_rule="validation_auto", val_fraction=0.2)
   c.mesh.data = 1
   one = loop.train_annotation(c, str(tmp / "one_device"))
@@ -345,7 +345,7 @@ def test_training_file_label_errors(tmp_path):
   with pytest.raises(DataError, match="1 of .* cells have no label"):
     stream_lib.build_stream(_config(bad))
   with pytest.raises(labels.LabelError, match="no entry in the label map"):
-    stream_lib.build_stream(_config(path, label_map="type0=T0; type1=T1"))
+    stream_lib.build_stream(_config(path, label_map=("type0=T0", "type1=T1")))
 
 
 def _cfg_with(path, **src):

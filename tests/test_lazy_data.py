@@ -45,11 +45,11 @@ def sim_file(tmp_path_factory):
 
 
 def _config(path: str, plan: str, lazy: bool):
-  c = tiny_config(**{"data.source": "h5ad", "data.files": path, "data.lazy": lazy,
+  c = tiny_config(**{"data.source": "h5ad", "data.files": (path,), "data.lazy": lazy,
                      "stages.plan": plan, "train.steps_per_stage": 3,
                      "mesh.data": 1})  # one device: compiles twice as fast as eight
   if plan == "expressed":  # as configs/gil_synthetic.py: cells split by an obs column
-    c.stages.obs_column, c.stages.order = "batch", "batch0,batch1,batch2"
+    c.stages.obs_column, c.stages.order = "batch", ("batch0", "batch1", "batch2")
   return c
 
 
@@ -148,7 +148,7 @@ def test_dataset_panels_and_dataset_stream_plan(tmp_path):
   assert lazy.dataset_names == eager.dataset_names and len(lazy.dataset_names) == 2
   np.testing.assert_array_equal(lazy.panel, eager.panel)
   np.testing.assert_array_equal(lazy.dataset_index, eager.dataset_index)
-  c = tiny_config(**{"data.source": "h5ad", "data.files": path, "stages.plan": "dataset_stream"})
+  c = tiny_config(**{"data.source": "h5ad", "data.files": (path,), "stages.plan": "dataset_stream"})
   eager_plan = experiment.build_plan(c, eager).to_json()
   c.data.lazy = True
   assert experiment.build_plan(c, experiment.load_data(c)).to_json() == eager_plan
@@ -189,7 +189,7 @@ def test_non_csr_x_raises(tmp_path, fmt):
 
 
 def test_config_errors(sim_file, tmp_path):
-  two = tiny_config(**{"data.source": "h5ad", "data.files": f"{sim_file},{sim_file}",
+  two = tiny_config(**{"data.source": "h5ad", "data.files": (sim_file, sim_file),
                        "data.lazy": True})
   with pytest.raises(DataError, match=r"exactly one \.h5ad file, got 2.*merge.*lazy=False"):
     experiment.load_data(two)

@@ -137,7 +137,7 @@ def _write_downstream(sim, tmp_path, name, cells, label_column="cell_type", gene
 def _protocol_config(tmp_path, model="transformer", **kw):
   c = tiny_config(model, **kw)
   c.data.data_dir = str(tmp_path)
-  c.downstream.datasets = "dA:cell_type,dB:cell_type"
+  c.downstream.datasets = ("dA:cell_type", "dB:cell_type")
   c.stages.plan = "crucial"
   c.stages.top_k = 12
   c.batch.normalisation = "log1p"
@@ -157,7 +157,7 @@ def down_dir(tmp_path_factory):
 
 def test_classification_block_end_to_end(down_dir, tmp_path):
   tmp, _ = down_dir
-  c = _protocol_config(tmp, **{"eval.stage_evaluators": "gene_classification",
+  c = _protocol_config(tmp, **{"eval.stage_evaluators": ("gene_classification",),
                                "train.steps_per_stage": 3})
   results = gil.train_and_evaluate(c, str(tmp_path / "run"), progress_bar=False)
   block = results["gene_classification"]
@@ -207,11 +207,11 @@ def test_bad_downstream_inputs(down_dir):
   _write_downstream(one, tmp, "oneclass", np.arange(min(60, one.n_cells)))
   _write_downstream(d, tmp, "disjoint", np.arange(100), rename="Z_")
   cases = {
-      "dA:cell_type,nolabel:cell_type": r"'nolabel' has no label column 'cell_type'.*"
-                                        r"config.downstream.datasets",
-      "dA:cell_type,oneclass:cell_type": r"'oneclass'.*'cell_type' has only 1 class.*"
-                                         r"config.downstream.datasets",
-      "dA:cell_type,disjoint:cell_type": r"'disjoint' shares no gene.*disjoint gene panels",
+      ("dA:cell_type", "nolabel:cell_type"): r"'nolabel' has no label column 'cell_type'.*"
+                                             r"config.downstream.datasets",
+      ("dA:cell_type", "oneclass:cell_type"): r"'oneclass'.*'cell_type' has only 1 class.*"
+                                              r"config.downstream.datasets",
+      ("dA:cell_type", "disjoint:cell_type"): r"'disjoint' shares no gene.*disjoint gene panels",
   }
   for spec, msg in cases.items():
     c = _protocol_config(tmp)
@@ -228,6 +228,6 @@ def test_bad_downstream_inputs(down_dir):
   with pytest.raises(DataError, match="does not exist.*--config.data.data_dir"):
     experiment.build_plan(c, data)
   c = _protocol_config(tmp)
-  c.stages.order = "dB,zz"
+  c.stages.order = ("dB", "zz")
   with pytest.raises(DataError, match=r"config.stages.order names \['zz'\]"):
     experiment.build_plan(c, data)

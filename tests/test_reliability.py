@@ -443,7 +443,7 @@ def _data_plan(config):
 def test_resume_on_changed_data_is_refused(tmp_path):
   from gil_jax import integrity
   path, a = _sim(tmp_path, "train.h5ad", n_cells=320, n_genes=64)
-  config = tiny_config(**TINY, **{"data.source": "h5ad", "data.files": path})
+  config = tiny_config(**TINY, **{"data.source": "h5ad", "data.files": (path,)})
   workdir = str(tmp_path / "w")
   gil.train_and_evaluate(config, workdir, stop_after_steps=4, progress_bar=False)
   other = _sim(tmp_path, "other.h5ad", n_cells=320, n_genes=64, seed=5)[1]

@@ -13,7 +13,7 @@ from gil_jax.losses.transforms import LossContext, LossTransform, StageEnd, add_
 from gil_jax.tasks import gil
 from tests.helpers import tiny_config
 
-ALL = "replay,distill,ewc,online_ewc,l2,mas"
+ALL = ("replay", "distill", "ewc", "online_ewc", "l2", "mas")
 
 
 def _setup(**overrides):
@@ -60,7 +60,7 @@ def _jit_loss(runner):
 
 def test_unknown_names_list_known_ones():
   with pytest.raises(ValueError, match="known:.*ewc"):
-    registry.transform_names(tiny_config(loss_transforms="ewc,nope"))
+    registry.transform_names(tiny_config(loss_transforms=("ewc", "nope")))
   with pytest.raises(ValueError, match="known methods:.*oracle"):
     registry.transform_names(tiny_config(method="nope"))
   with pytest.raises(ValueError, match="config.distill.mode"):
@@ -83,7 +83,7 @@ def test_first_stage_terms_are_exact_noops():
       lambda p, t, i, a: runner.loss_fn(p, t, i, _ctx(a))[0]))
   loss, grads = loss_and_grad(params, state.transforms, inputs, active)
   _, metrics = _jit_loss(runner)(params, state.transforms, inputs, active)
-  for name in ALL.split(","):
+  for name in ALL:
     if name != "replay":  # replay reports its (empty-batch) loss, which is not added
       assert float(metrics[f"loss/{name}"]) == 0.0, name
   task = metrics["loss/expression"]
@@ -106,7 +106,7 @@ def test_replay_buffer_zero_is_a_noop():
 
 @pytest.mark.parametrize("name", ["ewc", "online_ewc", "l2", "mas", "distill"])
 def test_zero_at_anchor_and_gradient_points_to_it(name):
-  runner, data, plan = _setup(loss_transforms=name)
+  runner, data, plan = _setup(loss_transforms=(name,))
   state = runner.initial_state()
   vocab, _, batches = _stage(runner, data, plan, 0)
   anchor = _perturb(state.params, seed=3)  # a non-trivial anchor: "the params after stage 0"
@@ -135,7 +135,7 @@ def optax_norm(tree):
 
 
 def test_importance_only_on_rows_active_at_the_stage_end():
-  runner, data, plan = _setup(loss_transforms="ewc,l2")
+  runner, data, plan = _setup(loss_transforms=("ewc", "l2"))
   vocab, _, batches = _stage(runner, data, plan, 0)
   end = _end(runner, runner.initial_state().params, vocab, 0, batches, plan)
   tstates = runner.transform.consolidate(runner.initial_state().transforms, runner.initial_state().params, end)
@@ -224,7 +224,7 @@ def test_state_survives_checkpoint_round_trip(tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_without_retrace(tmp_path):
-  config = tiny_config(loss_transforms="replay,distill,ewc",
+  config = tiny_config(loss_transforms=("replay", "distill", "ewc"),
                        **{"mesh.data": 1, "ewc.n_batches": 2})
   full = gil.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
   assert full["compilations"]["train_step"] == 1  # transform state updates never recompile

@@ -7,7 +7,7 @@ first stage, new types appended alphabetically), so a checkpointed class row kee
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -18,17 +18,27 @@ class LabelError(ValueError):
   """Labels cannot be used as given; the message names the config field to fix."""
 
 
-def parse_label_map(spec: str | Mapping[str, str] | None) -> dict[str, str]:
-  """'from=to; name; ...' (or a mapping) -> dict; a bare name declares a canonical name (maps to
-  itself). Whitespace around names is stripped."""
+def label_map_entries(spec: str | Sequence[str] | None) -> list[str]:
+  """The non-empty, stripped entries of a label map written as a tuple of 'from=to' / 'name'
+  entries (config.canal.label_map), an entry or a string holding several separated by ';'
+  (`--config.canal.label_map='a; b=c'`, and the string form of earlier revisions). Commas are
+  not separators here: cell-type names may contain them."""
+  items = [spec] if isinstance(spec, str) else list(spec or ())
+  return [x.strip() for item in items for x in str(item).split(";") if x.strip()]
+
+
+def parse_label_map(spec: str | Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+  """('from=to', 'name', ...) (see `label_map_entries`; or a mapping) -> dict; a bare name
+  declares a canonical name (maps to itself). Whitespace around names is stripped."""
   if not spec:
     return {}
   if isinstance(spec, Mapping):
     return {str(k).strip(): str(v).strip() for k, v in spec.items()}
   out = {}
-  for item in str(spec).split(";"):
-    if not item.strip():
-      continue
+  for item in label_map_entries(spec):
+    if item.count("=") > 1:
+      raise LabelError(f"label map entry {item!r} holds more than one '='; write one 'from=to' "
+                       "per entry of config.canal.label_map (or separate them with ';').")
     src, dst = item.split("=", 1) if "=" in item else (item, item)
     out[src.strip()] = dst.strip()
   return out

@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from gil_jax.canal import labels as labels_lib
 from gil_jax.data import anndata_io
 from gil_jax.data.anndata_io import CellData, DataError
-from gil_jax.experiment import resolve_path, split_list
+from gil_jax.experiment import as_names, resolve_path
 
 log = logging.getLogger("gil_jax")
 SOURCE_NORMALISATIONS = ("log1p_cp10k", "log1p", "none")
@@ -114,8 +114,8 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
   if not c.sources or not len(c.sources):
     raise DataError("config.canal.sources is empty; name at least one labelled .h5ad source.")
   label_map = labels_lib.parse_label_map(c.label_map)
-  drop = set(split_list(c.drop_labels))
-  test_only = split_list(c.test_only)
+  drop = set(as_names(c.drop_labels))
+  test_only = as_names(c.test_only)
   unknown = [s for s in test_only if s not in c.sources]
   if unknown:
     raise DataError(f"config.canal.test_only names unknown sources {unknown}; known: "
@@ -142,7 +142,7 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
         raise DataError(f"source {name!r}: split column {split_col!r} not in obs; fix "
                         f"config.canal.sources.{name}.split_column.")
       vals = data.obs[split_col].astype(str).to_numpy()[cells]
-      order = split_list(src.get("split_values", "")) or sorted(set(vals))
+      order = as_names(src.get("split_values", ())) or sorted(set(vals))
       parts = [(f"{name}:{v}", cells[vals == v]) for v in order]
     else:
       parts = [(name, cells)]
@@ -153,14 +153,14 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
       rest, test = _split(sc, labels[sc], c.test_fraction, config.seed)
       train, val = _split(rest, labels[rest], c.val_fraction, config.seed + 1)
       stages.append(AnnotStage(stage_name, name, train, val, test))
-  order = split_list(c.stage_order)
+  order = as_names(c.stage_order)
   if order:
     by = {s.name: s for s in stages}
     bad = [o for o in order if o not in by]
     if bad:
       raise DataError(f"config.canal.stage_order names unknown stages {bad}; known: {list(by)}")
     stages = [by[o] for o in order]
-  withheld = split_list(c.withhold)
+  withheld = as_names(c.withhold)
   if withheld:
     for s in stages:
       s.train_cells = s.train_cells[~np.isin(labels[s.train_cells], withheld)]

@@ -3,7 +3,7 @@
 Each downstream dataset (a) picks its crucial genes: the top-K genes by cumulative expression
 (sum over its cells of the normalised value), among the genes the pre-training data measured and
 expressed; and (b) is the linear-probe task of gene-based classification. Specs are
-'name:label_column' strings (`config.downstream.datasets`).
+'name:label_column' strings (`config.downstream.datasets`, a tuple of them).
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ class Downstream:
 
 
 def parse_specs(specs: str | Sequence[str]) -> list[tuple[str, str]]:
-  """'a:col_a,b:col_b' (or a list of 'name:column') -> [(name, column), ...]."""
-  items = [s.strip() for s in (specs.split(",") if isinstance(specs, str) else specs)]
-  items = [s for s in items if s]
+  """('a:col_a', 'b:col_b') (read with experiment.as_names, so 'a:col_a,b:col_b' too) ->
+  [(name, column), ...]."""
+  from gil_jax.experiment import as_names  # experiment imports this module
+  items = as_names(specs)
   if not items:
-    raise DataError(f"no downstream datasets given; set {FIELD} to 'name:label_column,...' "
-                    "(e.g. 'pbmc_3chem_symphony:cell_type').")
+    raise DataError(f"no downstream datasets given; set {FIELD} to a tuple of "
+                    "'name:label_column' (e.g. ('pbmc_3chem_symphony:cell_type',)).")
   out = []
   for s in items:
     name, sep, col = s.rpartition(":")

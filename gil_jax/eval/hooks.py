@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from gil_jax.experiment import as_names
+
 STAGE_EVALUATORS: dict[str, Callable[..., Any]] = {}
 
 
@@ -23,12 +25,13 @@ def register(name: str):
 BUILTIN_MODULES = ("gil_jax.eval.probe",)
 
 
-def resolve(names: str) -> list[Callable[..., Any]]:
+def resolve(names) -> list[Callable[..., Any]]:
+  """The evaluators named by `names` (a tuple of names; see experiment.as_names)."""
   import importlib
   for module in BUILTIN_MODULES:
     importlib.import_module(module)
   out = []
-  for n in [x.strip() for x in names.split(",") if x.strip()]:
+  for n in as_names(names):
     if n not in STAGE_EVALUATORS:
       raise ValueError(f"unknown evaluator {n!r} in config.eval.stage_evaluators; known: "
                        f"{sorted(STAGE_EVALUATORS)}")

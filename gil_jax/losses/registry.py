@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import ml_collections
 
+from gil_jax.experiment import as_names
 from gil_jax.losses import transforms
 
 # name -> builder(config) -> LossTransform. Methods modules register themselves here.
@@ -67,9 +68,8 @@ def register(name: str):
 
 def transform_names(config: ml_collections.ConfigDict) -> list[str]:
   """The transform list: `config.loss_transforms` if set, else the `config.method` preset."""
-  names = list(preset(config).transforms)
-  if config.loss_transforms:
-    names = [n.strip() for n in config.loss_transforms.split(",") if n.strip()]
+  default = list(preset(config).transforms)  # validates config.method either way
+  names = as_names(config.loss_transforms) or default
   unknown = [n for n in names if n not in TRANSFORMS]
   if unknown:
     raise ValueError(f"unknown loss transform(s) {unknown} in config.loss_transforms; known: "

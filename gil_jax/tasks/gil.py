@@ -181,7 +181,7 @@ class Runner(loop.Runner):
     if config.data.source != "h5ad":
       return []
     return [experiment.resolve_path(f, config.data.data_dir)
-            for f in experiment.split_list(config.data.files)]
+            for f in experiment.as_names(config.data.files)]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
