@@ -33,8 +33,8 @@ from gil_jax.config_base import base_config  # noqa: E402
 from gil_jax.experiment import as_names  # noqa: E402
 from gil_jax.losses import objectives, registry  # noqa: E402
 from gil_jax.models import build_model, paper_transformer_config  # noqa: E402
-from gil_jax.train.state import init_state, make_optimizer  # noqa: E402
-from gil_jax.train.step import make_train_step  # noqa: E402
+from gil_jax.core.state import init_state, make_optimizer  # noqa: E402
+from gil_jax.core.step import make_train_step  # noqa: E402
 
 
 def model_flops_forward(mc, b: int, n: int) -> float:

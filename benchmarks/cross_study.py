@@ -147,6 +147,18 @@ def make_config(tissue: str, held_out: str, mode: str, seed: int, paths: dict[st
   return c
 
 
+def query_panel(tissue: str, study: str, paths: dict[str, str], tmp: str) -> str:
+  """A text file with the genes the held-out study's parts measure (their union)."""
+  path = os.path.join(tmp, f"panel_{tissue}_{study}.txt")
+  if not os.path.exists(path):
+    genes: dict[str, None] = {}
+    for part in STUDIES[tissue][study]:
+      genes.update(dict.fromkeys(ad.read_h5ad(paths[part], backed="r").var_names.astype(str)))
+    with open(path, "w") as f:
+      f.write("\n".join(genes))
+  return path
+
+
 def run_one(config, workdir: str, commit: str) -> dict:
   path = os.path.join(workdir, "results.json")
   if os.path.exists(path):
@@ -314,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--epochs", type=int, default=0, help="epochs per stage (0 = the config's)")
   p.add_argument("--canal_seeds", default="",
                  help="seeds of the continual mode (default: --seeds); it costs ~2x joint")
+  p.add_argument("--gene_panel", default="none", choices=("none", "query"),
+                 help="query: train on the genes the held-out study measures only "
+                      "(config.canal.gene_panel; the union over its parts), as the baselines "
+                      "are fitted on the shared genes")
   p.add_argument("--aggregate_only", action="store_true",
                  help="only tabulate the finished runs under --out; train nothing")
   p.add_argument("--quick", action="store_true",
@@ -349,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
           epochs = 1 if args.quick else (args.epochs or BASE[tissue]().train.epochs_per_stage)
           for study in studies:
             config = make_config(tissue, study, mode, seed, paths, epochs)
+            if args.gene_panel == "query":
+              config.canal.gene_panel = query_panel(tissue, study, paths, tmp)
             workdir = os.path.join(args.out, "runs", tissue, mode, f"seed{seed}", study)
             if args.aggregate_only and not os.path.exists(os.path.join(workdir, "results.json")):
               continue

@@ -29,6 +29,11 @@ NON_SEMANTIC_FIELDS = ("train.checkpoint_every", "train.checkpoint_minutes",
                        "model.attention")
 
 
+# what an extension (`gil-jax extend`) may change: the data and stage list, and the recipe
+EXTENSION_FIELDS = ("canal.sources.", "canal.stage_order", "canal.test_only", "data.files",
+                    "stages.order", "train.", "experiment", "genes.capacity")
+
+
 class WorkdirMismatchError(ValueError):
   """The workdir holds checkpoints of a different experiment."""
 
@@ -80,18 +85,19 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-  a, b = _flat(saved), _flat(current)
+  a, b = flatten(saved), flatten(current)
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k)]
 
@@ -171,8 +177,10 @@ class Checkpointer:
     os.replace(os.path.join(self.directory, str(step)), target)
     self.manager.reload()
 
-  def check_same_experiment(self, config: ml_collections.ConfigDict) -> None:
-    """Raises WorkdirMismatchError when the latest checkpoint was made by another config."""
+  def check_same_experiment(self, config: ml_collections.ConfigDict,
+                            extending: bool = False) -> None:
+    """Raises WorkdirMismatchError when the latest checkpoint was made by another config
+    (`extending`: one that differs from it in more than `EXTENSION_FIELDS`)."""
     step, meta = self.latest_meta()
     if step is None:
       return
@@ -182,6 +190,14 @@ class Checkpointer:
                        comparable(config_for_fingerprint(config)))
     if not diff:  # the same config, a list field written another way ('a, b' for ('a', 'b'))
       return
+    if extending:
+      diff = [d for d in diff if not d.startswith(EXTENSION_FIELDS)]
+      if not diff:
+        return
+      raise WorkdirMismatchError(
+          f"cannot extend {os.path.dirname(self.directory)}: an extension may change only the "
+          f"data and training fields ({', '.join(EXTENSION_FIELDS)}), but {len(diff)} other "
+          f"fields differ from the run's: {'; '.join(diff[:6])}.")
     raise WorkdirMismatchError(
         f"workdir {os.path.dirname(self.directory)} holds checkpoints of experiment "
         f"{meta.get('experiment')!r} made with a different config ({len(diff)} fields differ: "

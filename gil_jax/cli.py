@@ -1,6 +1,7 @@
 """`gil-jax` console entry: train (any task), annotate, embed and info.
 
   gil-jax train    --config configs/X.py --workdir RUN [--config.a.b=value ...]
+  gil-jax extend   --workdir RUN --data new.h5ad [--label-key cell_type] [--config.a.b=value]
   gil-jax annotate --workdir RUN --input query.h5ad --output annotated.h5ad
   gil-jax embed    --workdir RUN --input query.h5ad --output embedded.h5ad
   gil-jax info     --workdir RUN
@@ -112,6 +113,62 @@ def _train(argv: list[str]) -> int:
   return run_training(fv, prog)
 
 
+def _extend(argv: list[str]) -> int:
+  """`gil-jax extend`: append stages (one per --data file) to a run and train them."""
+  import os
+  from absl import flags
+  from ml_collections import config_flags
+  from gil_jax import checkpoint, guards, tasks
+  prog = "gil-jax extend: "
+  p = argparse.ArgumentParser(prog="gil-jax extend", description=(
+      "Append one training stage per --data file to the run in --workdir and train them "
+      "(either task). Override training fields for the new stages with --config.a.b=value "
+      "(e.g. --config.train.epochs_per_stage=5); rerun the same command to resume."))
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", action="append", required=True,
+                 help="an .h5ad file to append as a stage (repeat for several)")
+  p.add_argument("--label-key", default="", help="annotation runs: obs column with cell types "
+                 "(default: the run's config.data.label_column)")
+  p.add_argument("--normalisation", default="auto", choices=("auto", "log1p_cp10k", "log1p",
+                                                              "none"),
+                 help="annotation runs: auto = log1p_cp10k for integer counts, else none")
+  p.add_argument("--layer", default="", help="annotation runs: layer with the values ('' = X)")
+  p.add_argument("--data-dir", default=None,
+                 help="config.data.data_dir of the run (only for runs that did not save it)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  args, rest = p.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognised arguments: {bad}")
+  try:
+    config, _ = tasks.saved_config(args.workdir, args.data_dir)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True,
+                                    sys_argv=["gil-jax extend"] + rest)
+    fv(["gil-jax extend"] + rest)
+    defaults, _ = tasks.saved_config(args.workdir, args.data_dir)
+    before = checkpoint.flatten(defaults.to_dict())
+    overrides = {k: v for k, v in checkpoint.flatten(fv.config.to_dict()).items()
+                 if before.get(k) != v}
+    results = tasks.extend(args.workdir, args.data, label_key=args.label_key,
+                           normalisation=args.normalisation, layer=args.layer,
+                           overrides=overrides, progress_bar=not args.quiet)
+  except guards.Interrupted as e:
+    print(e, file=sys.stderr)
+    return guards.EXIT_INTERRUPTED
+  except Exception as e:  # noqa: BLE001 -- bad input and bad overrides: one line
+    if os.environ.get("GIL_TRACEBACK") or not (guards.is_user_error(e) or
+                                               isinstance(e, (flags.Error, KeyError, TypeError,
+                                                              OSError))):
+      raise
+    print(f"{prog}error: {guards.one_line(e)}", file=sys.stderr)
+    return guards.EXIT_ERROR
+  print()
+  print(tasks.summary(results))
+  print(f"results: {args.workdir}/results.json, report: {args.workdir}/report.md")
+  return 0
+
+
 def _annotate(args, embed_only: bool) -> int:
   from gil_jax.canal import annotate
   summary = annotate.annotate_file(args.workdir, args.input, args.output, embed_only=embed_only,
@@ -134,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("train", add_help=False,
                  help="train any config (config.task: gil | annotation); --helpfull for flags")
+  sub.add_parser("extend", add_help=False,
+                 help="append stages (new .h5ad datasets) to a trained run; --help for flags")
   i = sub.add_parser("info", help="what a trained workdir is (task, method, stages, classes)")
   i.add_argument("--workdir", required=True)
   i.add_argument("--allow-partial", action="store_true")
@@ -161,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] == "train":
     return _train(argv[1:])
+  if argv and argv[0] == "extend":
+    return _extend(argv[1:])
   args, rest = parser.parse_known_args(argv)
   if rest:
     parser.error(f"unrecognised arguments: {rest}")

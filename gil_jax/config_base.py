@@ -60,7 +60,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.experiment = "gil"
   c.seed = 0
   # What is trained: 'gil' (gene-incremental, self-supervised) | 'annotation' (continual cell-type
-  # annotation, config.canal); both run through gil_jax/train/loop.py (gil_jax/tasks/).
+  # annotation, config.canal); both run through gil_jax/core/loop.py (gil_jax/tasks/).
   c.task = "gil"
   # Continual-learning method preset of the task (gil_jax/losses/registry.py METHODS): gil:
   # baseline, replay, distill, ewc, online_ewc, l2, mas, oracle, replay_distill; annotation:
@@ -170,5 +170,8 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
       distill_weight=0.1, label_smoothing=0.1, lwf_weight=1.0, lwf_temperature=2.0,
       hidden1=128, hidden2=64, trainable="all", trainable_blocks=1, init_workdir="",
       novelty_rule="canal", novelty_temperature=0.8, novelty_mix=128,
-      novelty_quantile=0.95, min_shared_genes=50))
+      novelty_quantile=0.95, min_shared_genes=50,
+      # train on these genes only: an .h5ad (its var_names) or a text file of ids; '' = all.
+      # E.g. the query study's file, so that the model learns from the genes it will see.
+      gene_panel=""))
   return c

@@ -232,6 +232,29 @@ def crucial_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData,
                                   base_stage=s.base_stage)
 
 
+def extend_plan(plan: stages.StagePlan, data: anndata_io.CellData, datasets: list[str],
+                eval_fraction: float, seed: int) -> stages.StagePlan:
+  """`plan` with one stage per dataset of `datasets` appended (`gil-jax extend`): the stage
+  trains on the dataset's gene panel, introduces the panel genes no earlier stage saw and is
+  scored on them (on its whole panel when it brings none); `eval_fraction` of its cells are
+  held out. Earlier stages, cells and eval cells are unchanged."""
+  out, evals = list(plan.stages), [plan.eval_cells]
+  seen = set(seen_genes(plan, len(plan.stages) - 1))
+  for d in datasets:
+    di = data.dataset_names.index(d)
+    cells = np.flatnonzero(data.dataset_index == di)
+    perm = np.random.default_rng([seed, 104, len(out)]).permutation(cells)
+    n_eval = int(round(eval_fraction * len(cells)))
+    panel = [str(g) for g in data.gene_ids[data.panel[di]]]
+    new = [g for g in panel if g not in seen]
+    seen.update(new)
+    out.append(stages.Stage(d, panel, new, new or panel, np.sort(perm[n_eval:])))
+    evals.append(np.sort(perm[:n_eval]))
+  extended = stages.StagePlan(out, np.sort(np.concatenate(evals)), plan.base_stage)
+  extended.check(data)
+  return extended
+
+
 def check_capacity(plan: stages.StagePlan, capacity: int) -> None:
   """Fails before training when the plan's genes cannot fit in the gene table."""
   vocab = GeneVocab(capacity)

@@ -153,6 +153,14 @@ def load_config(path: str, overrides: list[str] = ()):
         if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
           raise ValueError("not a boolean")
         node[leaf] = value.lower() in ("1", "true", "yes")
+      elif isinstance(old, tuple):  # list fields: a literal, or the comma form a,b
+        from gil_jax.experiment import as_names
+        try:
+          parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+          parsed = value
+        node[leaf] = (tuple(parsed) if isinstance(parsed, (tuple, list)) else
+                      tuple(as_names(parsed)) if isinstance(parsed, str) else (parsed,))
       else:
         node[leaf] = type(old)(ast.literal_eval(value))
     except (ValueError, TypeError, SyntaxError) as e:

@@ -159,3 +159,33 @@ def check_same_data(saved: dict | None, current: dict, workdir: str) -> None:
         f"the input data changed since the checkpoints in {workdir!r} were written: "
         f"{'; '.join(changes)}. Resuming would train later stages on other data than the earlier "
         "ones; restore the original data, or start over with a fresh --workdir.")
+
+
+def check_extends_data(saved: dict | None, current: dict, data, workdir: str) -> None:
+  """DataChangedError unless the current data are the saved run's data with cells appended: the
+  saved files unchanged and the first cells the same cells in the same order (extending a run
+  with new datasets, `gil-jax extend`)."""
+  if not saved:
+    return
+  changes = [c for c in data_changes(saved, current) if "is no longer an input" in c
+             or "bytes" in c or "different content" in c]
+  n = int(saved.get("n_cells") or 0)
+  obs = getattr(data, "obs", None)
+  if saved.get("cell_ids") and obs is not None and (
+      data.n_cells < n or saved["cell_ids"] not in _prefix_id_hashes(obs, n)):
+    changes.append(f"the first {n} cells are not the run's cells in the run's order")
+  if changes:
+    raise DataChangedError(
+        f"extending {workdir!r}: the run's own data changed ({'; '.join(changes)}). An extension "
+        "appends new datasets to the run's data as they were; restore the original files.")
+
+
+def _prefix_id_hashes(obs, n: int) -> set[str]:
+  """Hashes of the first n cell ids, as read and without the `dataset:` prefix that
+  `anndata_io.concat` adds when files share cell names."""
+  ids = obs.index[:n].astype(str)
+  out = {_ids_hash(ids)}
+  if "dataset" in obs.columns:
+    prefix = obs["dataset"].astype(str).to_numpy()[:n] + ":"
+    out.add(_ids_hash([i[len(p):] if i.startswith(p) else i for i, p in zip(ids, prefix)]))
+  return out

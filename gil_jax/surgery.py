@@ -90,3 +90,22 @@ def grow_state(state: Any, old_capacity: int, new_capacity: int, fresh_params: A
   """
   grown = grow_tree(state, old_capacity, new_capacity)
   return grown.replace(params=grow_params(state.params, fresh_params, old_capacity))
+
+
+def shrink_abstract(abstract: Any, capacity: int, old_capacity: int) -> Any:
+  """The abstract (ShapeDtypeStruct) state of ``capacity`` rows as it was at ``old_capacity``:
+  restore a checkpoint of the smaller table into it, then `grow_state`."""
+  def shrink(path, x):
+    if not is_gene_table_leaf(path, tuple(x.shape), capacity):
+      return x
+    return jax.ShapeDtypeStruct((old_capacity, *x.shape[1:]), x.dtype,
+                                sharding=getattr(x, "sharding", None))
+  return jax.tree_util.tree_map_with_path(shrink, abstract)
+
+
+def capacity_for(n_genes: int, capacity: int, multiple: int = 256) -> int:
+  """`capacity` if `n_genes` genes (+ the padding row) fit, else the next multiple of
+  `multiple` that holds them (a multiple that the mesh's 'model' axis divides)."""
+  if n_genes + 1 <= capacity:
+    return capacity
+  return -(-(n_genes + 1) // multiple) * multiple

@@ -146,7 +146,7 @@ def test_label_map_and_unknown_label():
 # ------------------------------------------------------------------ end to end
 # One tiny gene-incremental (GIL) workdir and one CANAL run initialised from it are shared by
 # every end-to-end test below (compilation dominates their cost). The GIL run uses the
-# transformer backbone: its eager parameter init in gil_jax/train/loop.py costs ~15 s less than
+# transformer backbone: its eager parameter init in gil_jax/core/loop.py costs ~15 s less than
 # the exceiver's on a loaded 2-core CPU, and it covers CANAL on the second backbone (the real-data
 # configs use the exceiver; its parameter names are covered by test_trainable_masks).
 

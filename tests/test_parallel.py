@@ -10,8 +10,8 @@ from gil_jax import parallel
 from gil_jax.batch import Batch
 from gil_jax.losses import objectives
 from gil_jax.models import build_model
-from gil_jax.train.state import init_state, make_optimizer
-from gil_jax.train.step import make_train_step
+from gil_jax.core.state import init_state, make_optimizer
+from gil_jax.core.step import make_train_step
 from tests.helpers import tiny_config
 
 CAP, B, N = 48, 16, 12

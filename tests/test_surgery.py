@@ -8,8 +8,8 @@ import pytest
 from gil_jax import parallel, surgery
 from gil_jax.losses import objectives
 from gil_jax.models import build_model
-from gil_jax.train.state import init_state, make_optimizer
-from gil_jax.train.step import make_train_step
+from gil_jax.core.state import init_state, make_optimizer
+from gil_jax.core.step import make_train_step
 from tests.helpers import tiny_config
 from tests.test_parallel import random_batch
 

@@ -15,7 +15,7 @@ from gil_jax.data import batching, stages
 from gil_jax.data.vocab import VocabularyError
 from gil_jax.models.common import is_gene_param
 from gil_jax.tasks import gil
-from gil_jax.train.state import _path_names
+from gil_jax.core.state import _path_names
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -31,7 +31,7 @@ from gil_jax.data import anndata_io, batching
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
 from gil_jax.experiment import RAW_SCALE
-from gil_jax.train import step as step_lib
+from gil_jax.core import step as step_lib
 from gil_jax.models import build_model
 
 
@@ -119,6 +119,20 @@ def write_atomic(adata: ad.AnnData, output_path: str) -> None:
     raise
 
 
+def detect_normalisation(data, what: str) -> str:
+  """'log1p_cp10k' for integer counts, 'none' for log-scale values; QueryError for neither."""
+  if data.is_counts:
+    return "log1p_cp10k"
+  top = float(data.X.data.max()) if getattr(data.X, "data", np.zeros(0)).size else 0.0
+  if top > RAW_SCALE:
+    raise QueryError(f"the {what}'s values reach {top:.4g}: neither integer counts nor "
+                     "log-normalised expression (log1p CP10k stays below ~10). Normalise it "
+                     "first (scanpy.pp.normalize_total + log1p), or say what it is: "
+                     "--normalisation log1p_cp10k for non-integer counts (e.g. TPM), "
+                     "--normalisation none to use the values as they are.")
+  return "none"
+
+
 class Model:
   """A finished run (either task) loaded once for use on many queries: `gil_jax.load(workdir)`.
 
@@ -143,6 +157,27 @@ class Model:
     self.active_genes = np.asarray(self.state["active_genes"], bool)
     self.classes = list(self.meta["label_vocab"]["names"]) if self.is_annotation else []
     self._fn = None
+
+  def extend(self, adata: ad.AnnData | str, *, label_key: str = "", name: str = "",
+             progress_bar: bool = True, **kw) -> dict:
+    """Appends `adata` (an AnnData or an .h5ad path) to the run as a new stage, trains it (see
+    `gil_jax.tasks.extend`; keywords: normalisation, layer, overrides) and reloads this model.
+    An in-memory AnnData is first written to `<workdir>/extensions/<name>.h5ad` (the run reads
+    its data from files, so that an interrupted extension resumes). Returns the run's results."""
+    from gil_jax import tasks  # noqa: PLC0415 -- the tasks import this module
+    path = adata
+    if isinstance(adata, ad.AnnData):
+      folder = os.path.join(self.workdir, "extensions")
+      os.makedirs(folder, exist_ok=True)
+      name = name or "extension_" + integrity._ids_hash(  # same data, same file: resumable
+          [adata.shape, *adata.obs_names, *adata.var_names])[:10]
+      path = os.path.join(folder, f"{name}.h5ad")
+      if not os.path.exists(path):
+        write_atomic(adata, path)
+    results = tasks.extend(self.workdir, [path], label_key=label_key,
+                           progress_bar=progress_bar, **kw)
+    self.__init__(self.workdir)
+    return results
 
   def info(self) -> dict:
     """What the run is: task, method, stages, genes, classes and its final figures."""
@@ -215,15 +250,7 @@ class Model:
     mat = adata.layers[layer] if layer else adata.X
     totals = np.asarray(sp.csr_matrix(mat).sum(axis=1)).ravel()
     kept = np.flatnonzero(totals > 0)
-    norm = (("log1p_cp10k" if data.is_counts else "none") if normalisation == "auto"
-            else normalisation)
-    top = float(data.X.data.max()) if getattr(data.X, "data", np.zeros(0)).size else 0.0
-    if normalisation == "auto" and norm == "none" and top > RAW_SCALE:
-      raise QueryError(f"the query's values reach {top:.4g}: neither integer counts nor "
-                       "log-normalised expression (log1p CP10k stays below ~10). Normalise it "
-                       "first (scanpy.pp.normalize_total + log1p), or say what it is: "
-                       "--normalisation log1p_cp10k for non-integer counts (e.g. TPM), "
-                       "--normalisation none to use the values as they are.")
+    norm = detect_normalisation(data, "query") if normalisation == "auto" else normalisation
     data = normalise_values(data, norm, "query")
     min_shared = (min_shared_genes if min_shared_genes is not None else
                   int(config.get("canal", {}).get("min_shared_genes", 50)))

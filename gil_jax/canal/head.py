@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gil_jax.batch import Batch
-from gil_jax.train import step as step_lib
+from gil_jax.core import step as step_lib
 
 MASKED_LOGIT = -1e9  # finite, so 0 * log_softmax stays 0 (no NaN) for inactive classes
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import ml_collections
 import numpy as np
@@ -109,6 +110,30 @@ def _split(cells: np.ndarray, labs: np.ndarray, frac: float, seed: int):
   return np.sort(rest), np.sort(held)
 
 
+def panel_genes(panel: str) -> list[str]:
+  """The gene ids of a panel: an .h5ad file's var_names, or a text file with one id per line."""
+  if not os.path.isfile(panel):
+    raise DataError(f"config.canal.gene_panel: no file {panel!r}; name an .h5ad (its var_names) "
+                    "or a text file with one gene id per line.")
+  if panel.endswith(".h5ad"):
+    import anndata as ad  # noqa: PLC0415
+    return list(ad.read_h5ad(panel, backed="r").var_names.astype(str))
+  with open(panel) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def restrict_to_panel(data: CellData, panel: str, min_genes: int) -> CellData:
+  """`data` on the genes of `panel` only (e.g. the genes a query study measures, so that the
+  model learns from the genes it will see, as a baseline fitted on the shared genes does)."""
+  keep = np.isin(data.gene_ids, np.asarray(panel_genes(panel), dtype=str))
+  if keep.sum() < min_genes:
+    raise DataError(f"config.canal.gene_panel {panel!r} shares {int(keep.sum())} genes with the "
+                    f"training data (< config.canal.min_shared_genes={min_genes}); check that "
+                    "both use the same kind of gene ids.")
+  log.info("gene panel %s: training on %d of %d genes", panel, int(keep.sum()), len(keep))
+  return data.select_genes(keep)
+
+
 def build_stream(config: ml_collections.ConfigDict) -> Stream:
   c = config.canal
   if not c.sources or not len(c.sources):
@@ -127,6 +152,8 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
     labs.append(l)
   data = datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(c.sources))
   labels = np.concatenate(labs)
+  if c.get("gene_panel", ""):
+    data = restrict_to_panel(data, c.gene_panel, int(c.min_shared_genes))
   source_of = np.asarray(data.dataset_names, object)[data.dataset_index]
 
   stages, test_cells = [], {}

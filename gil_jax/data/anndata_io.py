@@ -59,6 +59,13 @@ class CellData:
         self, X=self.X[cells], obs=self.obs.iloc[cells].copy(),
         dataset_index=self.dataset_index[cells], size_factors=self.size_factors[cells])
 
+  def select_genes(self, keep: np.ndarray) -> "CellData":
+    """Only the genes where `keep` (bool[genes]) holds; cells and their depth (size factors)
+    unchanged."""
+    cols = np.flatnonzero(np.asarray(keep, bool))
+    return dataclasses.replace(self, X=sp.csr_matrix(self.X[:, cols]),
+                               gene_ids=self.gene_ids[cols], panel=self.panel[:, cols])
+
   def measured(self, cell_idx: int | np.ndarray) -> np.ndarray:
     """bool[genes] (or [k, genes] for an index array): genes measured for the cell(s)."""
     return self.panel[self.dataset_index[cell_idx]]

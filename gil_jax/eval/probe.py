@@ -39,7 +39,7 @@ from gil_jax.data.anndata_io import DataError
 from gil_jax.data.downstream import Downstream
 from gil_jax.eval import hooks
 from gil_jax.eval.report import markdown_table
-from gil_jax.train.step import make_embed_step
+from gil_jax.core.step import make_embed_step
 
 NAME = "gene_classification"
 SECTION_TITLE = "## Gene-based classification"

@@ -30,7 +30,7 @@ import numpy as np
 from gil_jax.losses import objectives, registry
 from gil_jax.losses.transforms import LossContext, LossTransform, StageEnd, add_term
 from gil_jax.models import build_model
-from gil_jax.train.state import mask_gene_rows
+from gil_jax.core.state import mask_gene_rows
 
 
 def quadratic_penalty(params: Any, anchor: Any, omega: Any) -> jnp.ndarray:

@@ -1,6 +1,6 @@
 """Continual cell-type annotation as a task of the shared loop: `train_annotation(config, workdir)`.
 
-What this task supplies (gil_jax/train/loop.py runs the rest): a backbone (fresh, or from a
+What this task supplies (gil_jax/core/loop.py runs the rest): a backbone (fresh, or from a
 finished workdir: `config.canal.init_workdir`) with a growing class head; stages from the labelled
 dataset stream (`canal.stream`); per stage the gene and class masks (a flip, no recompilation)
 and the stage's cells plus, for bank methods, the example bank's labelled cells of earlier stages;
@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gil_jax import checkpoint, guards, integrity
+from gil_jax import checkpoint, guards, integrity, surgery
 from gil_jax.canal import bank as bank_lib
 from gil_jax.canal import loss as loss_lib  # registers canal_rkd / canal_lwf
 from gil_jax.canal import report
@@ -27,14 +27,14 @@ from gil_jax.canal.evaluate import check_novelty_rule, final_evaluation, novelty
 from gil_jax.canal.labels import LabelVocab
 from gil_jax.canal.model import eval_step_for, init_params, load_gil_params, trainable_labels
 from gil_jax.canal.stream import Stream, build_stream
-from gil_jax.data import batching
+from gil_jax.data import anndata_io, batching
 from gil_jax.data.vocab import GeneVocab
-from gil_jax.experiment import resolve_path
+from gil_jax.experiment import as_names, resolve_path
 from gil_jax.losses import registry
 from gil_jax.models import build_model
-from gil_jax.train import loop
-from gil_jax.train.loop import StageData
-from gil_jax.train.state import TrainState, init_state, make_optimizer
+from gil_jax.core import loop
+from gil_jax.core.loop import StageData
+from gil_jax.core.state import TrainState, init_state, make_optimizer
 
 
 def build_vocabs(config, stream: Stream, gil_vocab: GeneVocab | None):
@@ -173,6 +173,14 @@ class Runner(loop.Runner):
             "versions": integrity.package_versions(), "bank": self.use_bank, "stages": [],
             "accuracy_matrix": [[None] * n for _ in range(1 if self.joint else n)]}
 
+  def grow_results(self, results: dict) -> dict:
+    n, m = len(self.train_plan), len(results["accuracy_matrix"])
+    if m < n:
+      results["accuracy_matrix"] = loop.grow_matrix(results["accuracy_matrix"], n)
+      results.setdefault("extensions", []).append(
+          {"first_stage": m, "stages": self.stage_names[m:]})
+    return results
+
   def stage_record(self, k, state, data, n_steps, timing, last) -> dict:
     bank = jax.device_get(state.extras["bank"])
     return {"name": self.train_plan[k][0], "n_train_cells": int(len(data.stage_cells)),
@@ -229,8 +237,11 @@ class Runner(loop.Runner):
 
 
 def train_annotation(config: ml_collections.ConfigDict, workdir: str,
-                     progress_bar: bool = False) -> dict:
+                     progress_bar: bool = False, extending: bool = False) -> dict:
   """Runs (or resumes) a continual annotation experiment; writes results.json and report.md.
+
+  `extending`: `config` is the workdir's run with stages appended (`extend_config`); the run's
+  gene and label vocabularies must be prefixes of the extended ones.
 
   Holds the workdir lock while running; SIGTERM / SIGINT checkpoint at the next step boundary and
   raise `guards.Interrupted` (rerun to resume mid-stage); a non-finite loss raises
@@ -254,13 +265,78 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
                     "data_genes": int(stream.data.n_genes), "mapped_genes": int(n_known),
                     "dropped_genes": int(stream.data.n_genes - n_known)}
         loop.log.info("init from %s: %s", c.init_workdir, gil_init)
+      if extending and gil_vocab is None:  # new genes may need a larger gene table
+        genes = {g for k in range(len(stream.stages)) for g in stream.stage_genes(k)}
+        config.genes.capacity = surgery.capacity_for(len(genes), config.genes.capacity)
       vocab, labels = build_vocabs(config, stream, gil_vocab)
       runner = Runner(config, stream, vocab, labels, init_backbone, gil_init)
     # keep 3: the last finished stage survives a mid-stage (preemption / time) checkpoint
     ckpt = checkpoint.Checkpointer(workdir, keep=3)
     try:
-      ckpt.check_same_experiment(config)
+      ckpt.check_same_experiment(config, extending=extending)
+      if extending:
+        check_extends_vocabs(ckpt.latest_meta()[1], vocab, labels, runner, workdir)
     except BaseException:
       ckpt.close()
       raise
-    return loop.run(runner, workdir, ckpt, preempt, None, progress_bar)
+    return loop.run(runner, workdir, ckpt, preempt, None, progress_bar, extending=extending)
+
+
+def check_extends_vocabs(meta: dict | None, vocab: GeneVocab, labels: LabelVocab, runner: Runner,
+                         workdir: str) -> None:
+  """ExtensionError unless the run's genes and labels keep their rows in the extended run."""
+  if meta is None:
+    return
+  if runner.joint:
+    raise loop.ExtensionError(
+        f"{workdir!r} was trained with config.method='joint' (every stage at once); a joint run "
+        "is retrained, not extended: list the new dataset in the config and train a new workdir.")
+  old_genes = GeneVocab.from_json(meta["vocab"]).gene_ids
+  old_labels = LabelVocab.from_json(meta["label_vocab"]).names
+  if list(vocab.gene_ids[:len(old_genes)]) != list(old_genes) or \
+     list(labels.names[:len(old_labels)]) != list(old_labels):
+    raise loop.ExtensionError(
+        f"extending {workdir!r}: the run's gene or label vocabulary would be renumbered; the "
+        "extension must keep the run's sources in their order (extend with new files only).")
+
+
+def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str],
+                  label_key: str = "", normalisation: str = "auto", layer: str = "",
+                  names: list[str] | None = None) -> ml_collections.ConfigDict:
+  """The run's config with one training stage per file appended (a new source each; a file that
+  is already one of the run's test-only sources becomes a training stage); files already trained
+  on are left as they are, so rerunning an interrupted extension resumes it."""
+  from gil_jax.canal.annotate import detect_normalisation  # noqa: PLC0415 -- imports this
+  d = config.to_dict()
+  sources, data_dir = d["canal"]["sources"], config.data.data_dir
+  by_path = {os.path.abspath(resolve_path(src["file"], data_dir)): n for n, src in sources.items()}
+  test_only = as_names(config.canal.test_only)
+  order = loop.saved_stage_names(meta)
+  for i, f in enumerate(files):
+    path = os.path.abspath(f)
+    name = by_path.get(path)
+    if name is not None and name not in test_only:  # already a training source: resume
+      continue
+    if name is None:
+      name = names[i] if names else os.path.splitext(os.path.basename(path))[0]
+      while name in sources:
+        name += "_ext"
+      first = next(iter(sources.values()), {})
+      col = label_key or config.data.label_column or first.get("label_column", "")
+      data = anndata_io.read_h5ad(path, layer=layer or None, name=name)
+      if col not in data.obs.columns:
+        raise loop.ExtensionError(
+            f"{path}: no obs column {col!r} with cell-type labels (obs columns: "
+            f"{list(data.obs.columns)}); pass --label-key COLUMN (label_key= in Python).")
+      sources[name] = dict(
+          file=path, label_column=col, layer=layer,
+          normalisation=(normalisation if normalisation != "auto" else
+                         detect_normalisation(data, f"file {path!r}")),
+          gene_column="", split_column="", split_values=())
+    else:
+      test_only.remove(name)
+      if label_key:
+        sources[name]["label_column"] = label_key
+    order.append(name)
+  d["canal"]["test_only"], d["canal"]["stage_order"] = tuple(test_only), tuple(order)
+  return ml_collections.ConfigDict(d)

@@ -1,6 +1,6 @@
 """Gene-incremental learning as a task of the shared loop: `train_and_evaluate(config, workdir)`.
 
-What this task supplies (gil_jax/train/loop.py runs the rest): a self-supervised expression model
+What this task supplies (gil_jax/core/loop.py runs the rest): a self-supervised expression model
 over a growing gene table, stages from a gene plan (`experiment.build_plan`), gene-table masks
 per stage, the masked-expression loss with the configured loss transforms, and after every stage
 the gene-wise regression row beside the trivial predictors on the held-out cells.
@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gil_jax import checkpoint, experiment, guards, integrity, parallel
+from gil_jax import checkpoint, experiment, guards, integrity, parallel, surgery
 from gil_jax.batch import empty_batch
 from gil_jax.data import batching, stages
 from gil_jax.data.vocab import GeneVocab
 from gil_jax.eval import hooks, regression, report
 from gil_jax.losses import objectives, registry
 from gil_jax.models import build_model
-from gil_jax.train import loop
-from gil_jax.train.loop import Feed, StageData
-from gil_jax.train.state import TrainState, init_state, make_optimizer
-from gil_jax.train.step import make_regression_eval_step
+from gil_jax.core import loop
+from gil_jax.core.loop import Feed, StageData
+from gil_jax.core.state import TrainState, init_state, make_optimizer
+from gil_jax.core.step import make_regression_eval_step
 
 __all__ = ["Feed", "Runner", "train_and_evaluate"]
 
@@ -171,7 +172,21 @@ class Runner(loop.Runner):
     return self.eval_batch_sharding
 
   def meta(self, k: int) -> dict:
-    return {"plan": self.plan.to_json(), "vocab": self.vocab(k).to_json()}
+    return {"plan": self.plan.to_json(), "vocab": self.vocab(k).to_json(),
+            "datasets": list(self.data.dataset_names)}
+
+  def grow_results(self, results: dict) -> dict:
+    reg, n = results["gene_regression"], len(self.plan.stages)
+    m = len(reg["matrix"])
+    if m < n:
+      reg["stage_names"] = self.stage_names
+      reg["matrix"] = loop.grow_matrix(reg["matrix"], n)
+      for name in reg.get("baselines", {}):
+        reg["baselines"][name] = loop.grow_matrix(reg["baselines"][name], n)
+      results["forgetting"] = {"per_stage": [None] * n, "average": None}
+      results.setdefault("extensions", []).append(
+          {"first_stage": m, "stages": self.stage_names[m:]})
+    return results
 
   def write_outputs(self, workdir: str, results: dict) -> None:
     report.write_outputs(workdir, results)
@@ -184,8 +199,28 @@ class Runner(loop.Runner):
             for f in experiment.as_names(config.data.files)]
 
 
+def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str],
+                  names: list[str] | None = None) -> ml_collections.ConfigDict:
+  """The run's config with `files` appended to config.data.files (files already in it are left
+  as they are, so rerunning an interrupted extension resumes it); `train_and_evaluate` with
+  `extending=True` appends one stage per new dataset to the saved plan."""
+  del meta, names  # a GIL stage is named after its file
+  d = config.data
+  if d.source != "h5ad" or d.lazy:
+    raise loop.ExtensionError(
+        f"this run reads config.data.source={d.source!r} (lazy={d.lazy}); extend appends .h5ad "
+        "files to a run on in-memory .h5ad data (config.data.source='h5ad', data.lazy=False).")
+  have = experiment.as_names(d.files)
+  paths = {os.path.abspath(experiment.resolve_path(f, d.data_dir)) for f in have}
+  new = [os.path.abspath(f) for f in files if os.path.abspath(f) not in paths]
+  out = config.to_dict()
+  out["data"]["files"] = tuple(have + new)
+  return ml_collections.ConfigDict(out)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after_steps: int | None = None, progress_bar: bool = True) -> dict:
+                       stop_after_steps: int | None = None, progress_bar: bool = True,
+                       extending: bool = False) -> dict:
   """Runs (or resumes) every stage of a gene-incremental experiment; returns results.json.
 
   `stop_after_steps` stops (after checkpointing) once that many train steps ran in this call;
@@ -201,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       experiment.check_value_scale(data, config.batch.normalisation)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
-      ckpt.check_same_experiment(config)
+      ckpt.check_same_experiment(config, extending=extending)
       latest, meta = ckpt.latest_meta()
       with guards.user_errors("invalid config or data"):
         if latest is None:
@@ -209,6 +244,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           experiment.check_capacity(plan, config.genes.capacity)
         else:
           plan = stages.StagePlan.from_json(meta["plan"])
+        if latest is not None and extending:
+          known = meta.get("datasets") or list(data.dataset_names)[:1]
+          plan = experiment.extend_plan(plan, data, [d for d in data.dataset_names
+                                                     if d not in known],
+                                        config.stages.eval_fraction, config.seed)
+          config.genes.capacity = surgery.capacity_for(
+              sum(len(s.new_genes) for s in plan.stages), config.genes.capacity)
         if not len(plan.eval_cells):
           loop.log.warning(
               "no held-out cells (config.stages.eval_fraction=%s): the gene-wise regression "
@@ -218,4 +260,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     except BaseException:
       ckpt.close()
       raise
-    return loop.run(runner, workdir, ckpt, preempt, stop_after_steps, progress_bar)
+    return loop.run(runner, workdir, ckpt, preempt, stop_after_steps, progress_bar,
+                    extending=extending)

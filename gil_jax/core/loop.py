@@ -29,14 +29,18 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from gil_jax import checkpoint, distributed, guards, hostenv, integrity, parallel
+from gil_jax import checkpoint, distributed, guards, hostenv, integrity, parallel, surgery
 from gil_jax.batch import Batch, empty_batch
 from gil_jax.data import batching, pipeline
 from gil_jax.losses.transforms import LossTransform, StageEnd
-from gil_jax.train.state import TrainState
-from gil_jax.train.step import make_train_step
+from gil_jax.core.state import TrainState
+from gil_jax.core.step import make_train_step
 
 log = logging.getLogger("gil_jax")
+
+
+class ExtensionError(ValueError):
+  """A run cannot be extended as asked (`gil-jax extend`)."""
 
 PREFETCH = 2  # train batches built (and device_put) ahead of the step, in a background thread
 
@@ -172,6 +176,11 @@ class Runner:
   def new_results(self) -> dict:
     raise NotImplementedError
 
+  def grow_results(self, results: dict) -> dict:
+    """Results saved by a run with fewer stages (before `extend`), padded to this runner's
+    stages; the padded matrices gain a row and a column per new stage."""
+    return results
+
   def meta(self, k: int) -> dict:
     """Task facts saved with every checkpoint (plan, vocabularies, calibration constants...)."""
     return {}
@@ -306,41 +315,56 @@ def open_workdir(workdir: str):
 
 
 def run(runner: Runner, workdir: str, ckpt: checkpoint.Checkpointer, preempt,
-        stop_after_steps: int | None = None, progress_bar: bool = True) -> dict:
+        stop_after_steps: int | None = None, progress_bar: bool = True,
+        extending: bool = False) -> dict:
   """Runs (or resumes) every stage of `runner`'s experiment; returns results.json.
 
   `ckpt` is open on the workdir (the task read its newest meta to rebuild the runner);
   `stop_after_steps` stops (after checkpointing) once that many train steps ran in this call;
   tests use it to simulate an interruption. A non-finite loss raises `guards.NonFiniteError`
   before anything non-finite is checkpointed; a signal checkpoints at the next step boundary
-  and raises `guards.Interrupted`.
+  and raises `guards.Interrupted`. `extending`: the runner's stages are the workdir's run's
+  stages followed by new ones (`gil_jax.tasks.extend`); the run's data must be a prefix of the
+  runner's data.
   """
   config = runner.config
   data_fp = integrity.data_fingerprint(runner.input_files(), runner.data)
   ckpt.extra_meta = {"data": data_fp}
   latest, meta = ckpt.latest_meta()
   with guards.user_errors("invalid config or data"):
-    if latest is not None:
+    if latest is not None and extending:
+      integrity.check_extends_data(meta.get("data"), data_fp, runner.data, workdir)
+      check_extends_stages(saved_stage_names(meta), runner.stage_names, workdir)
+    elif latest is not None:
       integrity.check_same_data(meta.get("data"), data_fp, workdir)
     runner.check_steps()
   n_stages = len(runner.stage_names)
   progress = {"stage": 0, "step_in_stage": 0, "stage_done": False, "seconds": 0.0}
   results = runner.new_results()
   if latest is not None:
-    progress, results = meta["progress"], meta["results"]
+    progress, results = meta["progress"], runner.grow_results(meta["results"])
     runner.restore_meta(meta)
     log.info("resuming from checkpoint step %d: %s", latest, progress)
   state = runner.initial_state()
   finished = (latest is not None and progress.get("stage_done", True)
               and progress["stage"] == n_stages - 1)
+  saved_capacity = int((meta or {}).get("config", {}).get("genes", {}).get("capacity")
+                       or runner.capacity)
   if latest is not None and (not finished or runner.final_needs_state):
-    good, restored, good_meta = ckpt.restore_good(checkpoint.abstract_like(state))
+    abstract = checkpoint.abstract_like(state)
+    if saved_capacity < runner.capacity:  # an extension grew the gene table (gil_jax/surgery.py)
+      abstract = surgery.shrink_abstract(abstract, runner.capacity, saved_capacity)
+    good, restored, good_meta = ckpt.restore_good(abstract)
     if good is None:
       raise guards.RunError(f"no checkpoint in {ckpt.directory} restores (all were damaged and "
                             "moved to checkpoints.damaged/); rerun to start over.")
+    if saved_capacity < runner.capacity:
+      log.info("growing the gene table from %d to %d rows", saved_capacity, runner.capacity)
+      restored = jax.device_put(surgery.grow_state(restored, saved_capacity, runner.capacity,
+                                                   state.params), runner.state_sharding)
     state = restored
     if good != latest:
-      progress, results = good_meta["progress"], good_meta["results"]
+      progress, results = good_meta["progress"], runner.grow_results(good_meta["results"])
       runner.restore_meta(good_meta)
       log.warning("resuming from checkpoint step %d instead of the damaged step %d: re-doing "
                   "stage %d from step %d", good, latest,
@@ -496,8 +520,33 @@ def _meta(runner: Runner, k: int, results: dict, progress: dict) -> dict:
   config = runner.config
   return {"task": runner.task, "experiment": config.experiment,
           "fingerprint": checkpoint.fingerprint(config),
-          "config": checkpoint.config_for_fingerprint(config), **runner.meta(k),
+          "config": checkpoint.config_for_fingerprint(config),
+          "run_config": json.loads(config.to_json_best_effort()),  # field order kept
+          "stage_names": list(runner.stage_names), **runner.meta(k),
           "results": results, "progress": progress}
+
+
+def saved_stage_names(meta: dict) -> list[str]:
+  """The stage names of a checkpoint's run (older checkpoints: from the plan / stream)."""
+  if "stage_names" in meta:
+    return list(meta["stage_names"])
+  stages = meta.get("stages") or meta.get("plan", {}).get("stages", [])
+  return [s["name"] for s in stages]
+
+
+def check_extends_stages(saved: list[str], current: list[str], workdir: str) -> None:
+  """ExtensionError unless `current` is `saved` followed by new stages."""
+  if current[:len(saved)] != saved:
+    raise ExtensionError(
+        f"extending {workdir!r}: the run's stages {saved} must come first, in order, but the "
+        f"extended run has {current[:len(saved) + 2]}...; extend appends stages, it does not "
+        "reorder them.")
+
+
+def grow_matrix(matrix: list, n: int) -> list:
+  """A (ragged-safe) stage x stage matrix of None-padded rows, grown to n x n."""
+  rows = [list(r) + [None] * (n - len(r)) for r in matrix]
+  return rows + [[None] * n for _ in range(n - len(rows))]
 
 
 def _previous_results(workdir: str) -> dict:

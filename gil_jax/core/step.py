@@ -11,7 +11,7 @@ import optax
 from gil_jax.batch import Batch
 from gil_jax.losses import objectives
 from gil_jax.losses.transforms import LossContext
-from gil_jax.train.state import TrainState, mask_gene_rows
+from gil_jax.core.state import TrainState, mask_gene_rows
 
 
 def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation):
