@@ -176,7 +176,8 @@ def _annotate(args, embed_only: bool) -> int:
                                    gene_column=args.gene_column,
                                    min_shared_genes=args.min_shared_genes,
                                    novelty_rule=getattr(args, "novelty_rule", "run"),
-                                   overwrite=args.overwrite, allow_partial=args.allow_partial)
+                                   overwrite=args.overwrite, allow_partial=args.allow_partial,
+                                   majority_voting=getattr(args, "majority_voting", False))
   for k, v in summary.items():
     print(f"{k}: {v}")
   return 0
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fail when fewer query genes are in the vocabulary "
                         "(default: config.canal.min_shared_genes of the run)")
     if name == "annotate":
+      p.add_argument("--majority-voting", action="store_true",
+                     help="also obs['gil_majority_voting']: the most frequent label of each "
+                          "cell's cluster (kNN graph of X_gil; celltypist's convention)")
       p.add_argument("--novelty-rule", default="run", choices=("run", "canal"),
                      help="run: the run's novelty rule and saved constants; canal: CANAL's "
                           "transductive mixup rule on this query set")

@@ -70,6 +70,19 @@ def test_extended_annotation_run_equals_training_the_longer_stream(canal_files):
   # the extended model annotates the new type
   model = gil_jax.load(short)
   assert "type4" in model.classes and model.info()["datasets"][-1] == "new"
+  # a CANAL-rule run saved its constants from validation cells: by default a cell's label and
+  # novelty flag do not depend on the other cells of the query
+  import anndata as ad
+  query = ad.read_h5ad(new)
+  whole = model.annotate(query, majority_voting=True)
+  alone = model.annotate(query[:100].copy())
+  assert whole.uns["gil"]["novelty_rule"] == "canal_fixed"
+  for col in ("gil_cell_type", "gil_novel", "gil_confidence"):
+    np.testing.assert_array_equal(alone.obs[col].to_numpy(), whole.obs[col].to_numpy()[:100])
+  # majority voting: one label per over-cluster, beside (not instead of) the cell's own label
+  voted = whole.obs.groupby("gil_over_clustering", observed=True)["gil_majority_voting"]
+  assert (voted.nunique() == 1).all() and whole.obs["gil_over_clustering"].nunique() > 1
+  assert set(whole.obs["gil_majority_voting"]) <= set(whole.obs["gil_cell_type"])
 
 
 def test_extend_errors_before_training(canal_files, tmp_path, capsys):

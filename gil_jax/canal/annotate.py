@@ -19,11 +19,12 @@ import anndata as ad
 import jax
 import ml_collections
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import orbax.checkpoint as ocp
 
 from gil_jax import integrity
-from gil_jax.canal import novelty
+from gil_jax.canal import novelty, voting
 from gil_jax.canal.labels import UNASSIGNED
 from gil_jax.canal.model import WorkdirError, eval_step_for, latest_finished
 from gil_jax.canal.stream import normalise_values
@@ -235,13 +236,16 @@ class Model:
 
   def annotate(self, adata: ad.AnnData, *, layer: str = "", normalisation: str = "auto",
                gene_column: str = "", min_shared_genes: int | None = None,
-               novelty_rule: str = "run", inplace: bool = False, embed_only: bool = False
-               ) -> ad.AnnData | dict:
+               novelty_rule: str = "run", inplace: bool = False, embed_only: bool = False,
+               majority_voting: bool = False) -> ad.AnnData | dict:
     """Cell types of an in-memory AnnData: `obs['gil_cell_type']` (the most probable label),
     `obs['gil_confidence']` (its probability), `obs['gil_novel']` and
     `obs['gil_novelty_score']` (the novelty rule: the run's saved constants by default, or
     novelty_rule='canal' for CANAL's transductive rule on this query), `obsm['gil_probabilities']`
-    (columns: `uns['gil']['classes']`), `obsm['X_gil']`. Returns an annotated copy, or with
+    (columns: `uns['gil']['classes']`), `obsm['X_gil']`; with `majority_voting`, also
+    `obs['gil_over_clustering']` (clusters of a kNN graph of X_gil) and
+    `obs['gil_majority_voting']` (each cluster's most frequent label). Returns an annotated copy,
+    or with
     `inplace=True` writes into `adata` and returns the summary dict."""
     self.check_request(novelty_rule, embed_only)
     config = self.config
@@ -294,6 +298,15 @@ class Model:
       result.obs["gil_novel"] = novel
       result.obs["gil_novelty_score"] = score
       result.obsm["gil_probabilities"] = prob_full
+      if majority_voting:  # celltypist's convention: a separate column, opt-in
+        clusters = np.full(adata.n_obs, -1, np.int64)
+        clusters[kept] = voting.over_cluster(out["cell_emb"], seed=int(config.seed))
+        voted = np.full(adata.n_obs, UNASSIGNED, object)
+        voted[kept] = voting.majority_vote(names[best], clusters[kept])
+        result.obs["gil_over_clustering"] = pd.Categorical(clusters.astype(str))
+        result.obs["gil_majority_voting"] = voted.astype(str)
+        summary.update(over_clusters=int(len(np.unique(clusters[kept]))),
+                       majority_voting_changed=int(np.sum(voted[kept] != names[best])))
       summary.update(novelty_rule=calib["rule"] if calib else "canal",
                      novelty_threshold=round(float(nov.threshold), 4),
                      novel=int(novel.sum()), unlabelled_empty_cells=int(adata.n_obs - len(kept)))
@@ -313,7 +326,8 @@ def _version() -> str:
 def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only: bool = False,
                   layer: str = "", normalisation: str = "auto", gene_column: str = "",
                   min_shared_genes: int | None = None, novelty_rule: str = "run",
-                  overwrite: bool = False, allow_partial: bool = False) -> dict:
+                  overwrite: bool = False, allow_partial: bool = False,
+                  majority_voting: bool = False) -> dict:
   """`gil-jax annotate` / `embed`: `Model(workdir).annotate(...)` of the query file, written to
   a new file (atomically; the input is only read). Returns the summary."""
   check_output(input_path, output_path, overwrite)
@@ -327,7 +341,8 @@ def annotate_file(workdir: str, input_path: str, output_path: str, *, embed_only
     raise anndata_io.unreadable_file_error(input_path, e) from e
   summary = model.annotate(adata, layer=layer, normalisation=normalisation,
                            gene_column=gene_column, min_shared_genes=min_shared_genes,
-                           novelty_rule=novelty_rule, inplace=True, embed_only=embed_only)
+                           novelty_rule=novelty_rule, inplace=True, embed_only=embed_only,
+                           majority_voting=majority_voting)
   write_atomic(adata, output_path)
   summary["output"] = output_path
   return summary

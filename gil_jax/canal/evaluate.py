@@ -15,18 +15,27 @@ from gil_jax.eval import baselines
 
 def novelty_calibration(runner, state, stream: Stream, label_rows: np.ndarray,
                         c2r: np.ndarray) -> dict | None:
-  """Constants of the validation rule from all stages' validation cells (known types only), with
-  q fixed (config.canal.novelty_quantile) or chosen on them ('validation_auto'); None for CANAL's
-  transductive rule, which needs no constants."""
+  """Constants of the run's novelty rule from all stages' validation cells (known types only),
+  saved so that `annotate` flags each query cell on its own: the validation rule's with q fixed
+  (config.canal.novelty_quantile) or chosen on them ('validation_auto'); for CANAL's rule, its
+  energy range and mixup threshold computed once on the validation cells ('canal_fixed'; the
+  run's own figures keep the transductive rule). None for 'canal' without validation cells."""
   c = runner.config.canal
-  if c.novelty_rule == "canal":
-    return None
   val = np.concatenate([s.val_cells for s in stream.stages])
   if not len(val):
+    if c.novelty_rule == "canal":
+      return None
     raise ValueError(f"config.canal.novelty_rule={c.novelty_rule!r} needs validation cells "
                      "(config.canal.val_fraction > 0).")
   active = np.asarray(state.active_classes)
-  logits = runner.predict(state.params, state.active_genes, state.active_classes, val, c2r)["logits"]
+  out = runner.predict(state.params, state.active_genes, state.active_classes, val, c2r)
+  logits = out["logits"]
+  if c.novelty_rule == "canal":
+    calib = novelty.calibrate_canal(
+        logits, out["m"], jax.device_get(state.params["head"]), active,
+        temperature=c.novelty_temperature, n_mix=c.novelty_mix,
+        key=jax.random.PRNGKey(int(runner.config.seed)))
+    return dict(calib, rule="canal_fixed", n_val_cells=int(len(val)), selection=None)
   quantile, selection = float(c.novelty_quantile), None
   if c.novelty_rule == "validation_auto":
     selection = novelty.select_quantile(logits, label_rows[val], active,
@@ -47,8 +56,9 @@ def check_novelty_rule(config) -> None:
 
 
 def detect_novel(config, state, out, calib: dict | None, key=None) -> novelty.Novelty:
-  """CANAL's transductive rule (calib None) or the saved validation-rule constants."""
-  if calib is not None:
+  """CANAL's transductive rule (calib None or 'canal_fixed': the run's figures use CANAL's rule
+  as published) or the saved validation-rule constants."""
+  if calib is not None and calib.get("rule") != "canal_fixed":
     return novelty.apply_calibration(out["logits"], np.asarray(state.active_classes), calib)
   c = config.canal
   return novelty.canal_rule(out["logits"], out["m"], state.params["head"],
@@ -81,6 +91,12 @@ def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names
                         withheld=list(withheld), rule=runner.config.canal.novelty_rule,
                         threshold=nov.threshold, quantile=(calib or {}).get("quantile"),
                         quantile_selection=sel or None)
+    if calib is not None and calib.get("rule") == "canal_fixed":  # what `annotate` applies
+      fixed = novelty.apply_calibration(out_all["logits"], np.asarray(state.active_classes), calib)
+      pred_fixed = np.where(fixed.unassigned, UNASSIGNED, names[np.argmax(out_all["logits"], -1)])
+      res["novel"]["per_cell_constants"] = dict(
+          metrics.novel_metrics(stream.labels[test], pred_fixed, withheld),
+          threshold=fixed.threshold)
     truth = np.where(np.isin(stream.labels[test], withheld), UNASSIGNED, stream.labels[test])
     res["confusion"] = _confusion(truth, pred)
   res["test_only"], seen_only = {}, {}

@@ -115,6 +115,19 @@ def calibrate(val_logits: np.ndarray, active: np.ndarray, *, temperature: float 
           "temperature": float(temperature)}
 
 
+def calibrate_canal(val_logits: np.ndarray, val_m: np.ndarray, head: dict, active: np.ndarray, *,
+                    temperature: float = 0.8, n_mix: int = 128, key=None) -> dict:
+  """CANAL's constants computed once on validation cells instead of on each query set: their
+  energy range (normalisation) and the mixup threshold τ of `canal_rule`. JSON-able."""
+  key = jax.random.PRNGKey(0) if key is None else key
+  ev, _ = _stats(val_logits, active, temperature)
+  e_mix, c_mix = mixup_stats(head, val_m, active, temperature, n_mix, key)
+  tau = 0.5 * (float(np.mean(1.0 - _minmax(e_mix, e_mix.min(), e_mix.max())))
+               + float(np.mean(c_mix)))
+  return {"energy_min": float(ev.min()), "energy_max": float(ev.max()), "threshold": tau,
+          "quantile": None, "temperature": float(temperature)}
+
+
 def apply_calibration(logits: np.ndarray, active: np.ndarray, calib: dict) -> Novelty:
   """u of query cells normalised with the saved validation constants; u > τ ⇒ Unassigned."""
   e, conf = _stats(logits, active, calib["temperature"])
