@@ -47,7 +47,9 @@ PREFETCH = 2  # train batches built (and device_put) ahead of the step, in a bac
 
 @dataclasses.dataclass
 class Feed:
-  """Host-side context handed to transforms that add extra inputs (e.g. a replay batch)."""
+  """Host-side context handed to transforms that add extra inputs (e.g. a replay batch): the
+  data, the gene plan and vocabulary (gene-incremental task), or the stage's column -> row map,
+  per-cell labels and number of training cells (annotation task)."""
   data: Any
   plan: Any
   vocab: Any
@@ -55,22 +57,20 @@ class Feed:
   seed: int
   stage: int
   step: int
+  columns_to_rows: np.ndarray | None = None
+  labels: np.ndarray | None = None
+  n_stage_cells: int = 0
 
 
 @dataclasses.dataclass
 class StageData:
   """What stage k trains on: cells (indices into `runner.data`), data column -> gene-table row
-  map, per-cell label rows (class-head tasks), the seed offset of its batches, and which of the
-  cells are the stage's own (consolidation and the stage's statistics use only those)."""
+  map, per-cell label rows (class-head tasks) and the seed offset of its batches. (Replayed cells
+  are not listed here: they come from a loss transform's extra inputs.)"""
   cells: np.ndarray
   columns_to_rows: np.ndarray
   labels: np.ndarray | None = None
   seed: int = 0
-  own_cells: np.ndarray | None = None  # the stage's own cells when `cells` adds replayed ones
-
-  @property
-  def stage_cells(self) -> np.ndarray:
-    return self.cells if self.own_cells is None else self.own_cells
 
 
 class Runner:
@@ -157,9 +157,15 @@ class Runner:
     return StageEnd(stage=k, params=state.params, active_genes=state.active_genes,
                     task_loss=self.task_loss,
                     batches=lambda n: self.consolidation_batches(k, data, n),
-                    stage_cells=data.stage_cells,
+                    stage_cells=data.cells,
                     stage_rows=data.columns_to_rows[data.columns_to_rows > 0],
-                    active_classes=state.active_classes, seed=int(self.config.seed))
+                    active_classes=state.active_classes, seed=int(self.config.seed),
+                    labels=data.labels, predict=self.stage_predict(state, data))
+
+  def stage_predict(self, state: TrainState, data: StageData):
+    """cells -> eval-mode outputs at the stage's masks, for transforms that rank cells (None:
+    the task has no such outputs)."""
+    return None
 
   def after_consolidation(self, k: int, state: TrainState, data: StageData) -> TrainState:
     """Task state updates at a stage end (e.g. the example bank)."""
@@ -264,8 +270,7 @@ class Runner:
 
   def consolidation_batches(self, k: int, data: StageData, n: int):
     """n batches of stage k's training data, for transforms that estimate statistics."""
-    own = dataclasses.replace(data, cells=data.stage_cells, own_cells=None)
-    for _, batch in self.batches(k + self.consolidation_stage_offset, own,
+    for _, batch in self.batches(k + self.consolidation_stage_offset, data,
                                  self.config.seed + self.consolidation_seed_offset, 0, n):
       yield {"main": self.put_batch(batch)}
 

@@ -15,11 +15,10 @@ TRANSFORMS: dict[str, Callable[[ml_collections.ConfigDict], transforms.LossTrans
 
 
 class Preset(NamedTuple):
-  """A method: loss transforms (applied in order) and, for the annotation task, whether labelled
-  cells of earlier stages are replayed from the example bank and whether every stage's data
-  is trained at once (the joint upper bound)."""
+  """A method: loss transforms (applied in order; the first wraps the task loss innermost) and,
+  for the annotation task, whether every stage's data is trained at once (the joint upper
+  bound)."""
   transforms: tuple[str, ...] = ()
-  bank: bool = False
   joint: bool = False
 
 
@@ -37,9 +36,10 @@ METHODS: dict[str, dict[str, Preset]] = {
         "replay_distill": Preset(("replay", "distill")),
     },
     "annotation": {
-        "canal": Preset(("canal_rkd",), bank=True),  # CANAL: example bank + representation KD
+        # CANAL: replay from the example bank (config.canal.bank_size) + representation KD
+        "canal": Preset(("example_bank", "canal_rkd")),
         "finetune": Preset(),
-        "replay": Preset(bank=True),                 # the example bank alone
+        "replay": Preset(("example_bank",)),         # the example bank alone
         "distill": Preset(("canal_rkd",)),
         "lwf": Preset(("canal_lwf",)),
         "ewc": Preset(("ewc",)),

@@ -63,7 +63,8 @@ def _concat(batches: list[Batch], n: int, n_tokens: int) -> Batch:
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
 
-def _pooled(loss_main, n_main, loss_rep, w_rep):
+def pooled(loss_main, n_main, loss_rep, w_rep):
+  """The loss over current and replayed items: counts / weights n_main and w_rep."""
   return (n_main * loss_main + w_rep * loss_rep) / jnp.maximum(n_main + w_rep, 1e-6)
 
 
@@ -178,7 +179,7 @@ def _build(name: str, config: ml_collections.ConfigDict, replay_all: bool) -> Lo
       w_rep = jnp.sum(w_cell * n_pos)
       if mode == "concat":
         n_main = jnp.sum(objectives.prediction_mask(inputs["main"], ctx.active_genes))
-        total = _pooled(loss, n_main, rep_loss, w_rep)
+        total = pooled(loss, n_main, rep_loss, w_rep)
       else:  # 'batch': mean replay-cell weight (0 while the replay batch is padding)
         total = loss + w_rep / jnp.maximum(jnp.sum(n_pos), 1.0) * rep_loss
       aux = dict(aux, metrics=dict(aux["metrics"], **{f"loss/{name}": rep_loss}))

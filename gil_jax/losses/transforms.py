@@ -44,6 +44,8 @@ class StageEnd:
   base_stage: bool = False          # this stage is a plan's base stage (base genes B only)
   active_classes: Any = None        # bool[class capacity] at the stage end (class-head tasks)
   seed: int = 0                     # config.seed: keys of stage-end estimates derive from it
+  labels: Any = None                # per-cell label rows (class-head tasks)
+  predict: Optional[Callable[[Any], dict]] = None  # cells -> eval-mode outputs (e.g. 'h')
 
 
 class LossTransform(NamedTuple):

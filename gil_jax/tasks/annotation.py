@@ -3,9 +3,9 @@
 What this task supplies (gil_jax/core/loop.py runs the rest): a backbone (fresh, or from a
 finished workdir: `config.canal.init_workdir`) with a growing class head; stages from the labelled
 dataset stream (`canal.stream`); per stage the gene and class masks (a flip, no recompilation)
-and the stage's cells plus, for bank methods, the example bank's labelled cells of earlier stages;
-label-smoothed cross-entropy with the method's loss transforms (`config.method`, e.g. CANAL's
-representation distillation); at a stage end the bank update; after every stage the accuracy row
+and the stage's cells; label-smoothed cross-entropy with the method's loss transforms
+(`config.method`: CANAL's example bank, a replay transform in gil_jax/canal/bank.py, and its
+representation distillation); after every stage the accuracy row
 on every stage's held-out cells; at the end novelty calibration, the final evaluation with
 logistic-regression and kNN baselines, and the report.
 """
@@ -72,7 +72,8 @@ class Runner(loop.Runner):
     self.config, self.stream, self.data = config, stream, stream.data
     self.gene_vocab, self.labels, self.gil_init = vocab, labels, gil_init
     self.preset = registry.preset(config)
-    self.use_bank = self.preset.bank and config.canal.bank_size > 0
+    self.use_bank = (bank_lib.NAME in registry.transform_names(config)
+                     and config.canal.bank_size > 0)
     self.joint = self.preset.joint
     self.label_rows = labels.rows(stream.labels, missing=-1)
     self.capacity = config.genes.capacity
@@ -99,8 +100,7 @@ class Runner(loop.Runner):
     pkey, skey = jax.random.split(key)
     params = init_params(self.backbone, self.config, pkey)
     return init_state(params, self.tx, self.transform.init(params), skey, self.capacity,
-                      n_classes=self.config.canal.max_classes,
-                      extras={"bank": bank_lib.empty(max(1, self.config.canal.bank_size))})
+                      n_classes=self.config.canal.max_classes)
 
   def initial_state(self) -> TrainState:
     state = super().initial_state()
@@ -136,32 +136,27 @@ class Runner(loop.Runner):
             "active_classes": self.labels.active_mask(k)}
 
   def stage_data(self, k: int, state: TrainState) -> StageData:
-    cells = self.train_plan[k][1]
-    bank_cells = np.zeros(0, np.int64)
-    if self.use_bank:
-      bank = jax.device_get(state.extras["bank"])
-      bank_cells = np.asarray(bank["cells"])[bank_lib.occupied(bank)].astype(np.int64)
-    return StageData(cells=np.concatenate([cells, bank_cells]),
+    bank = self.bank(state)  # replayed during stage k (refilled at its end)
+    self.n_banked = int(bank_lib.occupied(bank).sum()) if bank is not None else 0
+    return StageData(cells=self.train_plan[k][1], columns_to_rows=self.columns_to_rows(k),
+                     labels=self.label_rows)
+
+  def feed(self, k: int, start: int) -> loop.Feed:
+    return loop.Feed(self.data, None, None, self.spec, self.config.seed, k, start,
                      columns_to_rows=self.columns_to_rows(k), labels=self.label_rows,
-                     own_cells=cells)
+                     n_stage_cells=len(self.train_plan[k][1]))
+
+  def stage_predict(self, state: TrainState, data: StageData):
+    return lambda cells: self.predict(state.params, state.active_genes, state.active_classes,
+                                      cells, data.columns_to_rows)
+
+  def bank(self, state: TrainState) -> dict | None:
+    """The example bank (host copy), or None without one."""
+    return jax.device_get(state.transforms[bank_lib.NAME]) if self.use_bank else None
 
   def check_steps(self) -> None:
     for k, (name, cells) in enumerate(self.train_plan):  # zero steps fail before any training
       guards.check_steps(self.stage_steps(len(cells)), k, name, len(cells))
-
-  def after_consolidation(self, k: int, state: TrainState, data: StageData) -> TrainState:
-    """The example bank takes this stage's cells (CANAL's prototype-distance selection)."""
-    if not self.use_bank or k == len(self.train_plan) - 1:
-      return state
-    cells = data.stage_cells
-    out = self.predict(state.params, state.active_genes, state.active_classes, cells,
-                       data.columns_to_rows)
-    protos = np.asarray(jax.device_get(state.params["head"]["cls"]["w"])).T
-    new_bank = bank_lib.update(jax.device_get(state.extras["bank"]), out["h"],
-                               self.label_rows[cells], cells, protos,
-                               int(np.sum(self.labels.active_mask(k))), k)
-    return state.replace(extras=dict(state.extras, bank=jax.device_put(
-        new_bank, self.state_sharding.extras["bank"])))
 
   # ------------------------------------------------------------------------------- results
 
@@ -182,14 +177,14 @@ class Runner(loop.Runner):
     return results
 
   def stage_record(self, k, state, data, n_steps, timing, last) -> dict:
-    bank = jax.device_get(state.extras["bank"])
-    return {"name": self.train_plan[k][0], "n_train_cells": int(len(data.stage_cells)),
-            "n_bank_cells": int(len(data.cells) - len(data.stage_cells)),
+    bank = self.bank(state)  # after this stage's refill
+    counts = bank_lib.class_counts(bank) if bank is not None else {}
+    return {"name": self.train_plan[k][0], "n_train_cells": int(len(data.cells)),
+            "n_bank_cells": self.n_banked,
             "n_classes": int(np.sum(self.labels.active_mask(k))),
             "n_active_genes": int(self.gene_vocab.active_mask(k).sum()), "steps": int(n_steps),
             **timing, "final_loss": last.get("loss"), "train_accuracy": last.get("train_accuracy"),
-            "bank_per_class": {self.labels.names[a]: b
-                               for a, b in bank_lib.class_counts(bank).items()}}
+            "bank_per_class": {self.labels.names[a]: b for a, b in counts.items()}}
 
   def evaluate(self, k: int, state: TrainState, results: dict) -> dict:
     c2r, row = self.columns_to_rows(k), []
