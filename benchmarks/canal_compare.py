@@ -87,8 +87,9 @@ def markdown(summary: dict, config, command: str) -> str:
            f"{', '.join(as_names(config.canal.withhold)) or 'none'}). "
            f"Seed {config.seed}. Accuracy / macro-F1 / ARI: held-out cells of every training "
            "stage after the last stage; BWT = mean_j (A[T,j] − A[j,j]) (closer to 0 = less "
-           "forgetting). Modes with the example bank (canal, replay) train on stage cells + bank "
-           "cells for the same number of epochs, hence more steps.", "",
+           "forgetting). Every mode trains the same steps (epochs over the stage's cells); modes "
+           "with the example bank (canal, replay) add a replayed batch of bank cells to each "
+           "step (the `example_bank` loss transform), hence a longer step.", "",
            f"Command: `{command}`", "",
            markdown_table(header, rows), "",
            "![comparison](compare.png)", ""]
