@@ -30,8 +30,11 @@ NON_SEMANTIC_FIELDS = ("train.checkpoint_every", "train.checkpoint_minutes",
 
 
 # what an extension (`gil-jax extend`) may change: the data and stage list, and the recipe
-EXTENSION_FIELDS = ("canal.sources.", "canal.stage_order", "canal.test_only", "data.files",
-                    "stages.order", "train.", "experiment", "genes.capacity")
+EXTENSION_FIELDS = ("canal.sources.", "canal.stage_order", "canal.test_only",
+                    "canal.source_order", "data.files", "stages.order", "experiment",
+                    "genes.capacity", "train.epochs_per_stage", "train.steps_per_stage",
+                    "train.learning_rate", "train.warmup_steps", "train.schedule",
+                    "train.decay_steps")
 
 
 class WorkdirMismatchError(ValueError):
@@ -155,10 +158,15 @@ class Checkpointer:
   def restore_good(self, abstract_state: Any) -> tuple[int | None, Any, dict | None]:
     """(step, state, meta) of the newest step that restores and verifies; damaged newer steps
     are logged and moved aside, so that the run re-does them. (None, None, None) if none."""
+    names = {integrity.leaf_name(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
+        check_layout(self.read_meta(step), names, step, self.directory)
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
+      except CheckpointLayoutError:  # not damage: another code or config wrote it
+        raise
       except Exception as e:  # noqa: BLE001 -- tensorstore, JSON or checksum errors alike
         if jax.process_count() > 1:
           raise
@@ -205,6 +213,24 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+class CheckpointLayoutError(guards.RunError):
+  """A checkpoint holds other state arrays than this code and config build (not damage)."""
+
+
+def check_layout(meta: dict, names: set[str], step: int, directory: str) -> None:
+  """CheckpointLayoutError when the arrays recorded with checkpoint `step` (their checksums'
+  names) are not the state's `names`; nothing is moved."""
+  saved = set(meta.get("checksums") or ())
+  if not saved or saved == names:
+    return
+  missing, extra = sorted(names - saved), sorted(saved - names)
+  raise CheckpointLayoutError(
+      f"checkpoint step {step} in {directory} holds other state arrays than this code builds "
+      f"(missing {missing[:3]}, unexpected {extra[:3]}): it was written by another gil_jax "
+      f"version ({(meta.get('results') or {}).get('versions', {}).get('gil_jax')}) or config. "
+      "Use that version, or a fresh --workdir; the checkpoints are left as they are.")
 
 
 def abstract_like(tree: Any) -> Any:

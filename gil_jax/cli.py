@@ -118,7 +118,7 @@ def _extend(argv: list[str]) -> int:
   import os
   from absl import flags
   from ml_collections import config_flags
-  from gil_jax import checkpoint, guards, tasks
+  from gil_jax import checkpoint, distributed, guards, tasks
   prog = "gil-jax extend: "
   p = argparse.ArgumentParser(prog="gil-jax extend", description=(
       "Append one training stage per --data file to the run in --workdir and train them "
@@ -150,6 +150,9 @@ def _extend(argv: list[str]) -> int:
     before = checkpoint.flatten(defaults.to_dict())
     overrides = {k: v for k, v in checkpoint.flatten(fv.config.to_dict()).items()
                  if before.get(k) != v}
+    if args.data_dir is not None:
+      overrides["data.data_dir"] = args.data_dir
+    distributed.initialize()  # several processes: GIL_COORDINATOR, GIL_NUM_PROCESSES, ...
     results = tasks.extend(args.workdir, args.data, label_key=args.label_key,
                            normalisation=args.normalisation, layer=args.layer,
                            overrides=overrides, progress_bar=not args.quiet)
@@ -163,9 +166,11 @@ def _extend(argv: list[str]) -> int:
       raise
     print(f"{prog}error: {guards.one_line(e)}", file=sys.stderr)
     return guards.EXIT_ERROR
-  print()
-  print(tasks.summary(results))
-  print(f"results: {args.workdir}/results.json, report: {args.workdir}/report.md")
+  import jax
+  if jax.process_index() == 0:
+    print()
+    print(tasks.summary(results))
+    print(f"results: {args.workdir}/results.json, report: {args.workdir}/report.md")
   return 0
 
 

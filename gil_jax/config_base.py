@@ -18,7 +18,8 @@ from gil_jax import models
 # any key (one entry per source). The checkpoint fingerprint compares them by their items.
 LIST_FIELDS = ("loss_transforms", "data.files", "stages.order", "downstream.datasets",
                "eval.stage_evaluators", "canal.stage_order", "canal.test_only",
-               "canal.drop_labels", "canal.withhold", "canal.sources.*.split_values")
+               "canal.drop_labels", "canal.withhold", "canal.sources.*.split_values",
+               "canal.source_order")
 NUMBER_LIST_FIELDS = ("stages.cell_ratios",)
 # config.canal.label_map: a tuple of 'from=to' / 'name' entries (';'-separated in a string; see
 # gil_jax/canal/labels.py) -- commas may occur in cell-type names.
@@ -166,6 +167,8 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
                                             #   gene_column, split_column, split_values (tuple)}
       # tuples of stage / source / label names; label_map: ('from=to' or 'name', ...)
       stage_order=(), test_only=(), label_map=(), drop_labels=(), withhold=(),
+      source_order=(),  # the order sources' cells are stacked in; () = sorted names (extend
+                        # appends new sources here, so that earlier cells keep their indices)
       test_fraction=0.25, val_fraction=0.1, max_classes=32, bank_size=1000,
       distill_weight=0.1, label_smoothing=0.1, lwf_weight=1.0, lwf_temperature=2.0,
       hidden1=128, hidden2=64, trainable="all", trainable_blocks=1, init_workdir="",

@@ -89,7 +89,8 @@ def file_fingerprint(path: str) -> dict:
           "sampled_checksum": h.hexdigest()}
 
 
-def _ids_hash(ids) -> str:
+def ids_hash(ids) -> str:
+  """A short hash of a sequence of ids (their str forms, in order)."""
   return _hash("\n".join(map(str, ids)).encode())
 
 
@@ -120,9 +121,20 @@ def data_fingerprint(files: list[str], data) -> dict:
                           for a in (x.indptr, x.indices, x.data.astype(np.float32))))
   return {"files": [file_fingerprint(p) for p in files if os.path.isfile(p)],
           "n_cells": int(data.n_cells), "n_genes": int(data.n_genes),
-          "gene_ids": _ids_hash(data.gene_ids),
-          "cell_ids": _ids_hash(obs.index) if obs is not None else None,
-          "sampled_values": rows}
+          "gene_ids": ids_hash(data.gene_ids),
+          "cell_ids": ids_hash(obs.index) if obs is not None else None,
+          "sampled_values": rows, "datasets": _dataset_runs(data)}
+
+
+def _dataset_runs(data) -> list | None:
+  """[[dataset name, cells], ...] in the order the cells are stacked (consecutive runs)."""
+  idx, names = getattr(data, "dataset_index", None), getattr(data, "dataset_names", None)
+  if idx is None or names is None or not len(idx):
+    return None
+  idx = np.asarray(idx)
+  starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+  counts = np.diff(np.r_[starts, len(idx)])
+  return [[str(names[idx[a]]), int(n)] for a, n in zip(starts, counts)]
 
 
 def data_changes(saved: dict, current: dict) -> list[str]:
@@ -170,6 +182,10 @@ def check_extends_data(saved: dict | None, current: dict, data, workdir: str) ->
   changes = [c for c in data_changes(saved, current) if "is no longer an input" in c
              or "bytes" in c or "different content" in c]
   n = int(saved.get("n_cells") or 0)
+  runs, now = saved.get("datasets"), current.get("datasets") or []
+  if runs and now[:len(runs)] != runs:
+    changes.append(f"the run's datasets {runs} are not the first of the extended data's "
+                   f"{now[:len(runs) + 1]}")
   obs = getattr(data, "obs", None)
   if saved.get("cell_ids") and obs is not None and (
       data.n_cells < n or saved["cell_ids"] not in _prefix_id_hashes(obs, n)):
@@ -184,8 +200,8 @@ def _prefix_id_hashes(obs, n: int) -> set[str]:
   """Hashes of the first n cell ids, as read and without the `dataset:` prefix that
   `anndata_io.concat` adds when files share cell names."""
   ids = obs.index[:n].astype(str)
-  out = {_ids_hash(ids)}
+  out = {ids_hash(ids)}
   if "dataset" in obs.columns:
     prefix = obs["dataset"].astype(str).to_numpy()[:n] + ":"
-    out.add(_ids_hash([i[len(p):] if i.startswith(p) else i for i, p in zip(ids, prefix)]))
+    out.add(ids_hash([i[len(p):] if i.startswith(p) else i for i, p in zip(ids, prefix)]))
   return out

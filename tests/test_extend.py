@@ -18,8 +18,10 @@ from tests.helpers import sim_h5ad, tiny_canal_config, tiny_config
 def canal_files(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("extend")
   old, _ = sim_h5ad(tmp, "old.h5ad", n_genes=80)
-  # the new dataset: a fifth cell type and 16 genes the run has never seen
-  new, _ = sim_h5ad(tmp, "new.h5ad", n_genes=96, n_cell_types=5, seed=7)
+  # the new dataset: a fifth cell type and 16 genes the run has never seen; its name sorts
+  # before the run's source ('sim'), and it shares the run's cell names: its cells must still
+  # be stacked after the run's, which keep their indices
+  new, _ = sim_h5ad(tmp, "a_new.h5ad", n_genes=96, n_cell_types=5, seed=7)
   return tmp, old, new
 
 
@@ -42,9 +44,11 @@ def test_extended_annotation_run_equals_training_the_longer_stream(canal_files):
   results = tasks.extend(short, [new], progress_bar=False)
 
   c = tiny_canal_config(old)
-  c.canal.sources.new = dict(file=new, label_column="cell_type", normalisation="log1p_cp10k",
-                             layer="", gene_column="", split_column="", split_values=())
-  c.canal.stage_order = ("sim:batch0", "sim:batch1", "new")
+  c.canal.sources.a_new = dict(file=new, label_column="cell_type",
+                               normalisation="log1p_cp10k", layer="", gene_column="",
+                               split_column="", split_values=())
+  c.canal.stage_order = ("sim:batch0", "sim:batch1", "a_new")
+  c.canal.source_order = ("sim", "a_new")
   full = annotation.train_annotation(c, str(tmp / "full"))
 
   acc = results["accuracy_matrix"]
@@ -52,7 +56,7 @@ def test_extended_annotation_run_equals_training_the_longer_stream(canal_files):
   assert acc[:2] == [r + [None] for r in before["accuracy_matrix"]]  # the run's rows kept
   np.testing.assert_allclose(np.asarray(acc, float), np.asarray(full["accuracy_matrix"], float),
                              atol=1e-6)
-  assert results["extensions"] == [{"first_stage": 2, "stages": ["new"]}]
+  assert results["extensions"] == [{"first_stage": 2, "stages": ["a_new"]}]
   assert results["stages"][-1]["n_bank_cells"] > 0  # the example bank carried on
   meta = _meta(short)
   old_genes = GeneVocab.from_json(meta_before["vocab"]).gene_ids
@@ -69,7 +73,7 @@ def test_extended_annotation_run_equals_training_the_longer_stream(canal_files):
 
   # the extended model annotates the new type
   model = gil_jax.load(short)
-  assert "type4" in model.classes and model.info()["datasets"][-1] == "new"
+  assert "type4" in model.classes and model.info()["datasets"][-1] == "a_new"
   # a CANAL-rule run saved its constants from validation cells: by default a cell's label and
   # novelty flag do not depend on the other cells of the query
   import anndata as ad
@@ -128,3 +132,19 @@ def test_extended_gil_run_gains_a_stage_and_grows_the_gene_table(tmp_path):
   assert len(results["forgetting"]["per_stage"]) == n + 1
   assert results["extensions"] == [{"first_stage": n, "stages": ["b"]}]
   assert gil_jax.load(workdir).info()["gene_capacity"] == 256
+
+
+def test_a_checkpoint_of_another_layout_is_refused_not_moved_aside(tmp_path):
+  """Restoring a checkpoint whose arrays differ from the state this code builds (another
+  version or config) is an error that names the arrays; the checkpoint is not taken for damaged
+  and stays where it is."""
+  import jax.numpy as jnp
+  from gil_jax import checkpoint
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck.save(1, {"params": {"w": jnp.ones(3)}, "extras": {"bank": jnp.zeros(2)}}, {})
+  with pytest.raises(checkpoint.CheckpointLayoutError, match="extras/bank"):
+    ck.restore_good(checkpoint.abstract_like(
+        {"params": {"w": jnp.ones(3)}, "transforms": {"example_bank": jnp.zeros(2)}}))
+  assert ck.latest_step() == 1
+  assert not os.path.exists(tmp_path / "checkpoints.damaged")
+  ck.close()

@@ -150,9 +150,9 @@ class Model:
     self.partial = self.done < self.total
     if self.partial and not allow_partial:
       raise WorkdirError(f"workdir {workdir!r} finished only {self.done} of its {self.total} "
-                         "stages (the training run stopped early); resume it with the same "
-                         "training command, or pass --allow-partial (allow_partial=True) to use "
-                         "the partly trained model.")
+                         "stages (the training run, or a `gil-jax extend`, stopped early); "
+                         "resume it by rerunning that same command, or pass --allow-partial "
+                         "(allow_partial=True) to use the partly trained model.")
     self.config = ml_collections.ConfigDict(self.meta["config"])
     self.vocab = GeneVocab.from_json(self.meta["vocab"])
     self.active_genes = np.asarray(self.state["active_genes"], bool)
@@ -170,8 +170,10 @@ class Model:
     if isinstance(adata, ad.AnnData):
       folder = os.path.join(self.workdir, "extensions")
       os.makedirs(folder, exist_ok=True)
-      name = name or "extension_" + integrity._ids_hash(  # same data, same file: resumable
-          [adata.shape, *adata.obs_names, *adata.var_names])[:10]
+      x = adata.X
+      total = float(x.sum()) if x is not None else 0.0
+      name = name or "extension_" + integrity.ids_hash(  # same data, same file: resumable
+          [adata.shape, total, *adata.obs_names, *adata.var_names])[:10]
       path = os.path.join(folder, f"{name}.h5ad")
       if not os.path.exists(path):
         write_atomic(adata, path)

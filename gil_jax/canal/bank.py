@@ -140,9 +140,13 @@ def example_bank(config: ml_collections.ConfigDict) -> LossTransform:
     def wrapped(params, tstates, inputs, ctx):
       loss, aux = loss_fn(params, tstates, inputs, ctx)
       rep_ctx = dataclasses.replace(ctx, rng=jax.random.fold_in(ctx.rng, 11))
-      rep_loss, _ = loss_fn(params, tstates, {**inputs, "main": inputs[NAME]}, rep_ctx)
+      w_rep = jnp.sum(inputs[f"{NAME}_weight"])
+      rep_loss = jax.lax.cond(  # an empty bank (the first stage) costs no forward pass
+          w_rep > 0,
+          lambda: loss_fn(params, tstates, {**inputs, "main": inputs[NAME]}, rep_ctx)[0],
+          lambda: jnp.zeros((), loss.dtype))
       n_main = jnp.sum(inputs["main"].cell_mask & (inputs["main"].labels >= 0))
-      total = pooled(loss, n_main, rep_loss, jnp.sum(inputs[f"{NAME}_weight"]))
+      total = pooled(loss, n_main, rep_loss, w_rep)
       return total, dict(aux, metrics=dict(aux["metrics"], **{f"loss/{NAME}": rep_loss}))
     return wrapped
 

@@ -134,6 +134,17 @@ def restrict_to_panel(data: CellData, panel: str, min_genes: int) -> CellData:
   return data.select_genes(keep)
 
 
+def source_names(c: ml_collections.ConfigDict) -> list[str]:
+  """The sources in the order their cells are stacked: config.canal.source_order, then any
+  others in name order."""
+  order = as_names(c.get("source_order", ()))
+  unknown = [n for n in order if n not in c.sources]
+  if unknown:
+    raise DataError(f"config.canal.source_order names unknown sources {unknown}; known: "
+                    f"{sorted(c.sources)}")
+  return order + sorted(n for n in c.sources if n not in order)
+
+
 def build_stream(config: ml_collections.ConfigDict) -> Stream:
   c = config.canal
   if not c.sources or not len(c.sources):
@@ -145,19 +156,20 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
   if unknown:
     raise DataError(f"config.canal.test_only names unknown sources {unknown}; known: "
                     f"{list(c.sources)}")
+  names = source_names(c)
   datas, labs = [], []
-  for name in c.sources:
+  for name in names:
     d, l = read_source(name, c.sources[name], config, label_map, drop)
     datas.append(d)
     labs.append(l)
-  data = datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(c.sources))
+  data = datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(names))
   labels = np.concatenate(labs)
   if c.get("gene_panel", ""):
     data = restrict_to_panel(data, c.gene_panel, int(c.min_shared_genes))
   source_of = np.asarray(data.dataset_names, object)[data.dataset_index]
 
   stages, test_cells = [], {}
-  for name in c.sources:
+  for name in names:
     cells = np.flatnonzero(source_of == name)
     if name in test_only:
       test_cells[name] = cells

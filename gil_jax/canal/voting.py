@@ -12,11 +12,12 @@ from sklearn.neighbors import kneighbors_graph
 def over_cluster(emb: np.ndarray, *, n_neighbors: int = 15, cells_per_cluster: int = 30,
                  seed: int = 0) -> np.ndarray:
   """int[cells]: small clusters (about `cells_per_cluster` cells each) of a kNN graph of the
-  embedding (Ward linkage restricted to graph neighbours)."""
+  embedding (Ward linkage restricted to graph neighbours); one cluster per cell below
+  2 * `cells_per_cluster` cells (no voting)."""
   del seed  # deterministic
   n = len(emb)
-  if n < 2 * cells_per_cluster:
-    return np.zeros(n, np.int64)
+  if n < 2 * cells_per_cluster:  # too few cells to over-cluster: each cell keeps its label
+    return np.arange(n, dtype=np.int64)
   graph = kneighbors_graph(emb, n_neighbors=min(n_neighbors, n - 1), include_self=False)
   with warnings.catch_warnings():  # a graph of several components is joined, as intended
     warnings.filterwarnings("ignore", message="the number of connected components")

@@ -355,6 +355,10 @@ def run(runner: Runner, workdir: str, ckpt: checkpoint.Checkpointer, preempt,
               and progress["stage"] == n_stages - 1)
   saved_capacity = int((meta or {}).get("config", {}).get("genes", {}).get("capacity")
                        or runner.capacity)
+  if saved_capacity > runner.capacity:
+    raise guards.RunError(f"the run in {workdir!r} has a {saved_capacity}-row gene table; "
+                          f"config.genes.capacity={runner.capacity} would shrink it (it only "
+                          "grows); drop the override.")
   if latest is not None and (not finished or runner.final_needs_state):
     abstract = checkpoint.abstract_like(state)
     if saved_capacity < runner.capacity:  # an extension grew the gene table (gil_jax/surgery.py)

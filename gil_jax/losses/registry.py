@@ -36,8 +36,9 @@ METHODS: dict[str, dict[str, Preset]] = {
         "replay_distill": Preset(("replay", "distill")),
     },
     "annotation": {
-        # CANAL: replay from the example bank (config.canal.bank_size) + representation KD
-        "canal": Preset(("example_bank", "canal_rkd")),
+        # CANAL: representation KD + replay from the example bank (config.canal.bank_size);
+        # the bank wraps outermost, so banked cells are distilled too, as in CANAL's batches
+        "canal": Preset(("canal_rkd", "example_bank")),
         "finetune": Preset(),
         "replay": Preset(("example_bank",)),         # the example bank alone
         "distill": Preset(("canal_rkd",)),

@@ -93,12 +93,18 @@ def extend(workdir: str, files: str | list[str], *, label_key: str = "",
   {'train.epochs_per_stage': 5}); only data and training fields may change.
   """
   from gil_jax import guards
+  from gil_jax.core.loop import ExtensionError
   files = [files] if isinstance(files, str) else list(files)
   with guards.user_errors("invalid extension"):
     config, meta = saved_config(workdir, (overrides or {}).get("data.data_dir"))
     task = config.get("task", "gil")
     for key, value in (overrides or {}).items():
       config.update_from_flattened_dict({key: value})
+    if config.get("method") == "joint":
+      raise ExtensionError(
+          f"{workdir!r} was trained with config.method='joint' (every stage at once); a joint "
+          "run is retrained, not extended: list the new dataset in the config and train a new "
+          "workdir.")
     if task == "annotation":
       from gil_jax.tasks.annotation import extend_config
       config = extend_config(config, meta, files, label_key, normalisation, layer, names)

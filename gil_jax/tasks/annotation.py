@@ -302,8 +302,10 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
   is already one of the run's test-only sources becomes a training stage); files already trained
   on are left as they are, so rerunning an interrupted extension resumes it."""
   from gil_jax.canal.annotate import detect_normalisation  # noqa: PLC0415 -- imports this
+  from gil_jax.canal.stream import source_names  # noqa: PLC0415
   d = config.to_dict()
   sources, data_dir = d["canal"]["sources"], config.data.data_dir
+  source_order = source_names(config.canal)  # the run's cells keep their indices
   by_path = {os.path.abspath(resolve_path(src["file"], data_dir)): n for n, src in sources.items()}
   test_only = as_names(config.canal.test_only)
   order = loop.saved_stage_names(meta)
@@ -328,10 +330,27 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
           normalisation=(normalisation if normalisation != "auto" else
                          detect_normalisation(data, f"file {path!r}")),
           gene_column="", split_column="", split_values=())
-    else:
+      source_order.append(name)
+      order.append(name)
+    else:  # a test-only source of the run becomes training stage(s)
       test_only.remove(name)
       if label_key:
         sources[name]["label_column"] = label_key
-    order.append(name)
+      order += source_stage_names(name, sources[name], data_dir)
   d["canal"]["test_only"], d["canal"]["stage_order"] = tuple(test_only), tuple(order)
+  d["canal"]["source_order"] = tuple(source_order)
   return ml_collections.ConfigDict(d)
+
+
+def source_stage_names(name: str, src: dict, data_dir: str) -> list[str]:
+  """The stage names `build_stream` gives a source: its name, or name:value per value of its
+  split column."""
+  col = src.get("split_column", "")
+  if not col:
+    return [name]
+  values = as_names(src.get("split_values", ()))
+  if not values:
+    import anndata as ad  # noqa: PLC0415
+    obs = ad.read_h5ad(resolve_path(src["file"], data_dir), backed="r").obs
+    values = sorted(set(obs[col].astype(str)))
+  return [f"{name}:{v}" for v in values]

@@ -245,7 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         else:
           plan = stages.StagePlan.from_json(meta["plan"])
         if latest is not None and extending:
-          known = meta.get("datasets") or list(data.dataset_names)[:1]
+          n_run = int((meta.get("data") or {}).get("n_cells") or data.n_cells)
+          known = meta.get("datasets") or [data.dataset_names[i] for i in
+                                           np.unique(data.dataset_index[:n_run])]
           plan = experiment.extend_plan(plan, data, [d for d in data.dataset_names
                                                      if d not in known],
                                         config.stages.eval_fraction, config.seed)
