@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="query: train on the genes the held-out study measures only "
                       "(config.canal.gene_panel; the union over its parts), as the baselines "
                       "are fitted on the shared genes")
+  p.add_argument("--value_scale", default="", choices=("", "none", "cell_rank"),
+                 help="config.batch.value_scale of the model ('' = the config's)")
   p.add_argument("--aggregate_only", action="store_true",
                  help="only tabulate the finished runs under --out; train nothing")
   p.add_argument("--quick", action="store_true",
@@ -365,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
           epochs = 1 if args.quick else (args.epochs or BASE[tissue]().train.epochs_per_stage)
           for study in studies:
             config = make_config(tissue, study, mode, seed, paths, epochs)
+            if args.value_scale:
+              config.batch.value_scale = args.value_scale
             if args.gene_panel == "query":
               config.canal.gene_panel = query_panel(tissue, study, paths, tmp)
             workdir = os.path.join(args.out, "runs", tissue, mode, f"seed{seed}", study)

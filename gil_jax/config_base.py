@@ -127,6 +127,9 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.batch.normalisation = "log1p_cp10k"  # 'log1p_cp10k' | 'log1p' | 'none'
   c.batch.sampling = "paper"             # 'paper' | 'uniform' | 'weighted'
   c.batch.zero_tokens = 0
+  # annotation inputs: 'none' (normalised values) | 'cell_rank' (each value's quantile rank
+  # among the cell's detected genes: robust to how another study normalised its values)
+  c.batch.value_scale = "none"
 
   c.model = models.model_config(model)
 

@@ -170,3 +170,30 @@ def test_eval_batches_cover_cells_in_order(setup):
   again = list(eval_batches(data, cells, c2r, spec, mask_seed=0))
   for a, b in zip(bs, again):
     _eq(a, b)
+
+
+def test_cell_rank_values_ignore_how_a_study_normalised():
+  from gil_jax.data import batching
+  """value_scale='cell_rank': each value becomes its quantile rank among the cell's detected
+  genes (ties share the top rank), so any per-cell monotone transform of the input (another
+  log base, size factor or pseudo-count) gives the same tokens."""
+  import dataclasses
+  from gil_jax.data import simulate
+  d = simulate.simulate_cell_data(simulate.SimConfig(n_cells=20, n_genes=50, n_cell_types=2,
+                                                     n_modules=4, n_batches=1))
+  spec = batching.BatchSpec(batch_size=4, n_tokens=64, mask_ratio=0.0, value_scale="cell_rank")
+  c2r = np.arange(1, 51, dtype=np.int32)
+  b = batching.make_batch(d, np.arange(4), c2r, spec, np.random.default_rng(0))
+  other = dataclasses.replace(d, X=d.X.copy())
+  other.X.data = 3.0 * np.log2(other.X.data + 1.0) + 1.0
+  b2 = batching.make_batch(other, np.arange(4), c2r, spec, np.random.default_rng(0))
+  np.testing.assert_array_equal(b.values, b2.values)
+  raw = batching.make_batch(d, np.arange(4), c2r, dataclasses.replace(spec, value_scale="none"),
+                            np.random.default_rng(0))
+  for i in range(4):
+    m = b.token_mask[i] & ~b.pred_mask[i]
+    v, w = b.values[i][m], raw.values[i][m]
+    assert 0.0 < v.min() and v.max() <= 1.0
+    assert np.all((v[:, None] < v[None, :]) == (w[:, None] < w[None, :]))  # order kept
+  with pytest.raises(Exception, match="value_scale"):
+    batching.BatchSpec(batch_size=4, n_tokens=8, value_scale="zscore")

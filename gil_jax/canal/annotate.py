@@ -213,7 +213,8 @@ class Model:
     spec = batching.BatchSpec(batch_size=int(config.eval.get("batch_size", 256)),  # non-semantic
                               n_tokens=int(config.batch.n_tokens), mask_ratio=0.0,
                               normalisation="none", sampling=str(config.batch.sampling),
-                              zero_tokens=int(config.batch.zero_tokens))
+                              zero_tokens=int(config.batch.zero_tokens),
+                              value_scale=str(config.batch.get("value_scale", "none")))
     classes = (np.asarray(self.state["active_classes"], bool) if self.is_annotation else None)
     outs = []
     for b in batching.eval_batches(data, np.arange(data.n_cells), c2r, spec,

@@ -24,6 +24,7 @@ from gil_jax.data.anndata_io import CellData, DataError
 
 NORMALISATIONS = ("log1p_cp10k", "log1p", "none")
 SAMPLINGS = ("paper", "uniform", "weighted")
+VALUE_SCALES = ("none", "cell_rank")
 
 
 @dataclasses.dataclass
@@ -34,11 +35,18 @@ class BatchSpec:
   normalisation: str = "log1p_cp10k"  # log1p(x / size_factor) | log1p(x) | none
   sampling: str = "paper"             # paper (per cell 50/50 weighted|uniform), uniform, weighted
   zero_tokens: int = 0                # measured zeros to add as value-0 tokens when room allows
+  # 'none': the normalised values; 'cell_rank': a value's rank among the cell's detected genes
+  # as a quantile in (0, 1] (invariant to any per-cell monotone transform: log base, size
+  # factors, pseudo-counts differ between studies), for classification inputs
+  value_scale: str = "none"
 
   def __post_init__(self):
     if self.normalisation not in NORMALISATIONS:
       raise DataError(f"unknown normalisation {self.normalisation!r}; use one of {NORMALISATIONS}"
                       " (config.batch.normalisation).")
+    if self.value_scale not in VALUE_SCALES:
+      raise DataError(f"unknown value_scale {self.value_scale!r}; use one of {VALUE_SCALES} "
+                      "(config.batch.value_scale).")
     if self.sampling not in SAMPLINGS:
       raise DataError(f"unknown sampling {self.sampling!r}; use one of {SAMPLINGS} "
                       "(config.batch.sampling).")
@@ -148,6 +156,16 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
   sf = data.size_factors[cells].astype(np.float32)
   norm = spec.normalisation
 
+  if spec.value_scale == "cell_rank":  # quantile ranks among all the cell's kept genes
+    by = np.lexsort((raw, owner))
+    s_owner, s_raw = owner[by], raw[by]
+    new_group = np.r_[True, (s_owner[1:] != s_owner[:-1]) | (s_raw[1:] != s_raw[:-1])]
+    group = np.cumsum(new_group) - 1
+    last = np.r_[np.flatnonzero(new_group)[1:] - 1, len(by) - 1]  # ties share the top rank
+    rank = np.empty(len(raw), np.float32)
+    rank[by] = last[group] - np.repeat(_segment_starts(counts), counts)
+    quantile = (rank + 1.0) / np.maximum(counts[owner], 1).astype(np.float32)
+
   # --- gene sampling (cells with more than N candidates): top-N of Efraimidis-Spirakis keys
   # log(u)/w (weighted, w = v - min(v) + 1e-5 on normalised v) or u (uniform) = sampling without
   # replacement, same law as torch.multinomial(w, N, replacement=False).
@@ -171,10 +189,12 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
       keys[went] = np.log(keys[went]) / (normalise(raw[went], sf[ow], norm) - vmin[ow] + 1e-5)
     sel = _top_n(keys, counts, N)
     owner, cols, raw = owner[sel], cols[sel], raw[sel]
+    if spec.value_scale == "cell_rank":
+      quantile = quantile[sel]
     counts = np.minimum(counts, N)
   cols = cols.astype(np.int64)
   raw = raw.astype(np.float32)
-  vals = normalise(raw, sf[owner], norm)
+  vals = quantile if spec.value_scale == "cell_rank" else normalise(raw, sf[owner], norm)
 
   # --- optional measured-zero tokens
   if spec.zero_tokens > 0:

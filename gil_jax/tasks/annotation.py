@@ -80,7 +80,8 @@ class Runner(loop.Runner):
     self.spec = batching.BatchSpec(batch_size=config.batch.batch_size,
                                    n_tokens=config.batch.n_tokens, mask_ratio=0.0,
                                    normalisation="none", sampling=config.batch.sampling,
-                                   zero_tokens=config.batch.zero_tokens)
+                                   zero_tokens=config.batch.zero_tokens,
+                                   value_scale=config.batch.value_scale)
     self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
     self.backbone = build_model(config.model, config.genes.capacity, "mse")
     self.init_backbone = init_backbone

@@ -230,6 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   with loop.open_workdir(workdir) as preempt:
     with guards.user_errors("invalid config or data"):
+      if config.batch.value_scale != "none":
+        raise ValueError(f"config.batch.value_scale={config.batch.value_scale!r} replaces "
+                         "expression values by ranks; masked-expression regression predicts "
+                         "values: use 'none' (value_scale is for annotation runs).")
       registry.transform_names(config)  # unknown names fail before any work
       hooks.resolve(config.eval.stage_evaluators)
       data = experiment.load_data(config)
