@@ -104,6 +104,13 @@ def test_extend_errors_before_training(canal_files, tmp_path, capsys):
                    "--config.model.d_model=8", "--quiet"])
   err = capsys.readouterr().err
   assert code == 2 and "model.d_model" in err and "extension may change only" in err
+  import anndata as ad
+  other = ad.read_h5ad(new)
+  other.var_names = [f"ENSG{i:011d}" for i in range(other.n_vars)]  # another kind of gene id
+  other_path = str(tmp_path / "ensembl.h5ad")
+  other.write_h5ad(other_path)
+  code = cli.main(["extend", "--workdir", missing_labels, "--data", other_path, "--quiet"])
+  assert code == 2 and "0 of its 96 genes are in the run's" in capsys.readouterr().err
   code = cli.main(["extend", "--workdir", str(tmp_path / "nothing"), "--data", new])
   assert code == 2 and "no checkpoints" in capsys.readouterr().err
 

@@ -31,6 +31,8 @@ from gil_jax.core.step import make_regression_eval_step
 
 __all__ = ["Feed", "Runner", "train_and_evaluate"]
 
+MIN_SHARED_GENES = 20  # an extension's dataset shares at least this many genes with the run
+
 
 class Runner(loop.Runner):
   """The gene-incremental task: compiled functions and static pieces of one experiment."""
@@ -204,7 +206,7 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
   """The run's config with `files` appended to config.data.files (files already in it are left
   as they are, so rerunning an interrupted extension resumes it); `train_and_evaluate` with
   `extending=True` appends one stage per new dataset to the saved plan."""
-  del meta, names  # a GIL stage is named after its file
+  del names  # a GIL stage is named after its file
   d = config.data
   if d.source != "h5ad" or d.lazy:
     raise loop.ExtensionError(
@@ -213,6 +215,16 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
   have = experiment.as_names(d.files)
   paths = {os.path.abspath(experiment.resolve_path(f, d.data_dir)) for f in have}
   new = [os.path.abspath(f) for f in files if os.path.abspath(f) not in paths]
+  known = GeneVocab.from_json(meta["vocab"]).gene_ids if meta.get("vocab") else []
+  for f in new:  # a dataset of other gene ids would train a disconnected stage
+    from gil_jax.data import anndata_io  # noqa: PLC0415
+    genes = anndata_io.read_h5ad(f, gene_column=d.gene_column or None).gene_ids
+    shared = int(np.isin(np.asarray(genes, str), np.asarray(known, str)).sum())
+    if known and shared < MIN_SHARED_GENES:
+      raise loop.ExtensionError(
+          f"{f}: {shared} of its {len(genes)} genes are in the run's {len(known)}-gene "
+          f"vocabulary (at least {MIN_SHARED_GENES} needed); check that both use the same kind "
+          "of gene ids (symbols vs Ensembl, config.data.gene_column) and species.")
   out = config.to_dict()
   out["data"]["files"] = tuple(have + new)
   return ml_collections.ConfigDict(out)
