@@ -100,9 +100,23 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
+  """'field: saved -> current' for each differing field. A field the saved config lacks (added
+  to the code since) counts only when its current value is not its default."""
   a, b = flatten(saved), flatten(current)
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k)]
+  defaults = None
+  out = []
+  for k in sorted(set(a) | set(b)):
+    if a.get(k) == b.get(k):
+      continue
+    if k not in a and k in b:
+      if defaults is None:
+        from gil_jax.config_base import base_config  # noqa: PLC0415
+        model = (current.get("model") or {}).get("name", "exceiver")
+        defaults = flatten(comparable(config_for_fingerprint(base_config(model))))
+      if k in defaults and defaults[k] == b[k]:
+        continue
+    out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+  return out
 
 
 class Checkpointer:

@@ -116,9 +116,9 @@ def example_bank(config: ml_collections.ConfigDict) -> LossTransform:
     cells = np.asarray(end.stage_cells, np.int64)
     h = end.predict(cells)["h"]
     protos = np.asarray(jax.device_get(params["head"]["cls"]["w"])).T
-    new = update(jax.device_get(own), h, np.asarray(end.labels)[cells], cells, protos,
-                 int(np.sum(end.active_classes)), end.stage)
-    return {k: jnp.asarray(v) for k, v in new.items()}
+    # host arrays: the loop places them with the state's sharding (several processes too)
+    return update(jax.device_get(own), h, np.asarray(end.labels)[cells], cells, protos,
+                  int(np.sum(end.active_classes)), end.stage)
 
   def extra_inputs(own, feed):
     n_tokens = feed.spec.n_tokens if feed is not None else int(config.batch.n_tokens)

@@ -120,8 +120,8 @@ def _build(name: str, config: ml_collections.ConfigDict, replay_all: bool) -> Lo
     if entries:
       arr = np.asarray(entries, np.int64)
       out_cells[:len(arr)], out_stage[:len(arr)], out_valid[:len(arr)] = arr[:, 0], arr[:, 1], True
-    return {"cells": jnp.asarray(out_cells), "stage": jnp.asarray(out_stage),
-            "valid": jnp.asarray(out_valid)}
+    # host arrays: the loop places them with the state's sharding (several processes too)
+    return {"cells": out_cells, "stage": out_stage, "valid": out_valid}
 
   def pool(own, feed) -> tuple[np.ndarray, np.ndarray]:
     """(cells, their stage) that may be replayed at feed.stage (host copies)."""
