@@ -1,5 +1,5 @@
-"""Two local processes on loopback (JAX CPU collectives, gloo) train and checkpoint together and
-see the same losses as one process that builds both data shards."""
+"""Two local processes on loopback (JAX CPU collectives, gloo) run the shared stage loop together:
+the gene-incremental task preempted and resumed, the annotation task against one process."""
 
 import json
 import os
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 
 
 def _free_port() -> int:
@@ -43,21 +42,6 @@ def _launch(n, worker, *args, expect: int = 0) -> list[str]:
   for p, o in zip(procs, outs):
     assert p.returncode == expect, o[-3000:]
   return outs
-
-
-def _run(tmp, n):
-  _launch(n, WORKER, str(tmp / f"run{n}"), "2")
-  with open(tmp / f"run{n}" / f"losses_{n}.json") as f:
-    return json.load(f)
-
-
-@pytest.mark.skipif(not _gloo_available(), reason="JAX CPU collectives (gloo) unavailable in "
-                    "this jaxlib; multi-process CPU training cannot run")
-def test_two_processes_match_one(tmp_path):
-  one = _run(tmp_path, 1)
-  two = _run(tmp_path, 2)
-  assert len(two) == 3
-  assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.skipif(not _gloo_available(), reason="JAX CPU collectives (gloo) unavailable in "
