@@ -74,7 +74,6 @@ def parse_flags(fv, argv: list[str], prog: str = "") -> list[str]:
 def run_training(fv, prog: str = "") -> int:
   """Trains the parsed flags' experiment (any task); the summary on process 0. Exit code."""
   import os
-  import jax
   from absl import logging as absl_logging
   from gil_jax import distributed, guards, tasks
   absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's per-save INFO lines quiet
@@ -90,11 +89,18 @@ def run_training(fv, prog: str = "") -> int:
       raise
     print(f"{prog}error: {guards.one_line(e)}", file=sys.stderr)
     return guards.EXIT_ERROR
+  print_summary(results, fv.workdir)
+  return 0
+
+
+def print_summary(results: dict, workdir: str) -> None:
+  """The console summary of a finished run (process 0 only)."""
+  import jax
+  from gil_jax import tasks
   if jax.process_index() == 0:
     print()
     print(tasks.summary(results))
-    print(f"results: {fv.workdir}/results.json, report: {fv.workdir}/report.md")
-  return 0
+    print(f"results: {workdir}/results.json, report: {workdir}/report.md")
 
 
 def _train(argv: list[str]) -> int:
@@ -166,11 +172,7 @@ def _extend(argv: list[str]) -> int:
       raise
     print(f"{prog}error: {guards.one_line(e)}", file=sys.stderr)
     return guards.EXIT_ERROR
-  import jax
-  if jax.process_index() == 0:
-    print()
-    print(tasks.summary(results))
-    print(f"results: {args.workdir}/results.json, report: {args.workdir}/report.md")
+  print_summary(results, args.workdir)
   return 0
 
 
