@@ -148,12 +148,11 @@ def _extend(argv: list[str]) -> int:
     p.error(f"unrecognised arguments: {bad}")
   try:
     config, _ = tasks.saved_config(args.workdir, args.data_dir)
+    before = checkpoint.flatten(config.to_dict())  # the overrides change `config` in place
     fv = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True,
                                     sys_argv=["gil-jax extend"] + rest)
     fv(["gil-jax extend"] + rest)
-    defaults, _ = tasks.saved_config(args.workdir, args.data_dir)
-    before = checkpoint.flatten(defaults.to_dict())
     overrides = {k: v for k, v in checkpoint.flatten(fv.config.to_dict()).items()
                  if before.get(k) != v}
     if args.data_dir is not None:

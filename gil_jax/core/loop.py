@@ -42,6 +42,17 @@ log = logging.getLogger("gil_jax")
 class ExtensionError(ValueError):
   """A run cannot be extended as asked (`gil-jax extend`)."""
 
+
+def check_shared_genes(path: str, genes, vocab_genes, min_shared: int, field: str) -> None:
+  """ExtensionError when a dataset to append shares fewer than `min_shared` genes with the
+  run's vocabulary (wrong kind of gene ids, another species); `field` names the setting."""
+  shared = int(np.isin(np.asarray(genes, str), np.asarray(list(vocab_genes), str)).sum())
+  if shared < min_shared:
+    raise ExtensionError(
+        f"{path}: {shared} of its {len(genes)} genes are in the run's {len(vocab_genes)}-gene "
+        f"vocabulary (at least {min_shared} needed: {field}); check that both use the same "
+        "kind of gene ids (symbols vs Ensembl) and species.")
+
 PREFETCH = 2  # train batches built (and device_put) ahead of the step, in a background thread
 
 

@@ -322,8 +322,9 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
       first = next(iter(sources.values()), {})
       col = label_key or config.data.label_column or first.get("label_column", "")
       data = anndata_io.read_h5ad(path, layer=layer or None, name=name)
-      check_shared_genes(path, data.gene_ids, GeneVocab.from_json(meta["vocab"]),
-                         int(config.canal.min_shared_genes))
+      loop.check_shared_genes(path, data.gene_ids, GeneVocab.from_json(meta["vocab"]).gene_ids,
+                              int(config.canal.min_shared_genes),
+                              "config.canal.min_shared_genes")
       if col not in data.obs.columns:
         raise loop.ExtensionError(
             f"{path}: no obs column {col!r} with cell-type labels (obs columns: "
@@ -343,17 +344,6 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
   d["canal"]["test_only"], d["canal"]["stage_order"] = tuple(test_only), tuple(order)
   d["canal"]["source_order"] = tuple(source_order)
   return ml_collections.ConfigDict(d)
-
-
-def check_shared_genes(path: str, genes, vocab: GeneVocab, min_shared: int) -> None:
-  """ExtensionError when a new dataset shares fewer than `min_shared` genes with the run's
-  vocabulary (wrong kind of gene ids, another species)."""
-  shared = int(np.sum(np.isin(np.asarray(genes, str), np.asarray(vocab.gene_ids, str))))
-  if shared < min_shared:
-    raise loop.ExtensionError(
-        f"{path}: {shared} of its {len(genes)} genes are in the run's {len(vocab)}-gene "
-        f"vocabulary (at least {min_shared} needed: config.canal.min_shared_genes); check "
-        "that both use the same kind of gene ids (symbols vs Ensembl) and species.")
 
 
 def source_stage_names(name: str, src: dict, data_dir: str) -> list[str]:

@@ -215,16 +215,13 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
   have = experiment.as_names(d.files)
   paths = {os.path.abspath(experiment.resolve_path(f, d.data_dir)) for f in have}
   new = [os.path.abspath(f) for f in files if os.path.abspath(f) not in paths]
+  from gil_jax.data import anndata_io  # noqa: PLC0415
   known = GeneVocab.from_json(meta["vocab"]).gene_ids if meta.get("vocab") else []
   for f in new:  # a dataset of other gene ids would train a disconnected stage
-    from gil_jax.data import anndata_io  # noqa: PLC0415
-    genes = anndata_io.read_h5ad(f, gene_column=d.gene_column or None).gene_ids
-    shared = int(np.isin(np.asarray(genes, str), np.asarray(known, str)).sum())
-    if known and shared < MIN_SHARED_GENES:
-      raise loop.ExtensionError(
-          f"{f}: {shared} of its {len(genes)} genes are in the run's {len(known)}-gene "
-          f"vocabulary (at least {MIN_SHARED_GENES} needed); check that both use the same kind "
-          "of gene ids (symbols vs Ensembl, config.data.gene_column) and species.")
+    if known:
+      loop.check_shared_genes(f, anndata_io.read_h5ad(f, gene_column=d.gene_column or None)
+                              .gene_ids, known, MIN_SHARED_GENES, "gil_jax.tasks.gil."
+                              "MIN_SHARED_GENES; ids from config.data.gene_column")
   out = config.to_dict()
   out["data"]["files"] = tuple(have + new)
   return ml_collections.ConfigDict(out)
