@@ -8,7 +8,7 @@ import os
 import ml_collections
 import numpy as np
 
-from gil_jax.data import anndata_io, downstream, pipeline, simulate, stages
+from gil_jax.data import anndata_io, corpus, downstream, simulate, stages
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
 
@@ -69,10 +69,9 @@ def as_floats(value, field: str = "") -> list[float]:
   return out
 
 
-def resolve_path(name: str, data_dir: str) -> str:
-  if os.path.isabs(name) or os.path.exists(name):
-    return name
-  return os.path.join(data_dir, name if name.endswith(".h5ad") else name + ".h5ad")
+def data_files(config: ml_collections.ConfigDict) -> tuple[list[str], dict | None]:
+  """(.h5ad paths, corpus manifest or None) of `config.data.files` (`corpus.expand_files`)."""
+  return corpus.expand_files(as_names(config.data.files), config.data.data_dir)
 
 
 def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
@@ -86,43 +85,30 @@ def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
     return simulate.simulate_cell_data(simulate.SimConfig(**d.sim.to_dict()))
   if d.source != "h5ad":
     raise DataError(f"unknown config.data.source {d.source!r}; use 'synthetic' or 'h5ad'")
-  files = as_names(d.files)
-  if not files:
-    raise DataError("config.data.source='h5ad' needs config.data.files (a tuple of .h5ad "
-                    "names under config.data.data_dir, or paths)")
-  if d.lazy and len(files) != 1:
-    raise DataError(f"config.data.lazy=True reads exactly one .h5ad file, got {len(files)} "
-                    f"({', '.join(files)}); merge them into one file first (e.g. "
-                    "`anndata.concat([...], join='outer').write_h5ad(path)`, or "
-                    "`anndata_io.concat(...).to_anndata()` to keep per-dataset gene panels), or "
-                    "read them into memory with --config.data.lazy=False.")
+  if not as_names(d.files):
+    raise DataError("config.data.source='h5ad' needs config.data.files (.h5ad names under "
+                    "config.data.data_dir, paths, a folder, a glob or a corpus manifest)")
   if not os.path.isdir(d.data_dir) and not all(os.path.isabs(f) or os.path.exists(f)
-                                                for f in files):
+                                                or any(c in f for c in "*?[")
+                                                for f in as_names(d.files)):
     raise DataError(f"data directory {d.data_dir!r} does not exist; pass "
                     "--config.data.data_dir=/path/to/shared/data")
+  files, manifest = data_files(config)
   require_counts = config.train.likelihood in ("poisson", "nb")
   if d.lazy:
-    return _load_lazy(config, files, require_counts)
-  datas = [anndata_io.read_h5ad(resolve_path(f, d.data_dir), layer=d.layer or None,
-                                gene_column=d.gene_column or None,
+    return corpus.open_corpus(files, layer=d.layer or None, gene_column=d.gene_column or None,
+                              require_counts=require_counts, obs_columns=obs_columns_used(config),
+                              manifest=manifest)
+  datas = [anndata_io.read_h5ad(f, layer=d.layer or None, gene_column=d.gene_column or None,
                                 require_counts=require_counts) for f in files]
-  return datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(files))
+  return datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(
+      os.path.splitext(os.path.basename(f))[0] for f in files))
 
 
 def obs_columns_used(config: ml_collections.ConfigDict) -> list[str]:
   """The obs columns the config names (a lazy read loads only these)."""
   cols = [config.stages.obs_column, config.data.label_column, config.data.batch_column]
   return list(dict.fromkeys(c for c in cols if c))
-
-
-def _load_lazy(config: ml_collections.ConfigDict, files: list[str],
-               require_counts: bool) -> anndata_io.CellData:
-  """The one file of config.data.files, read row by row from disk (pipeline.open_lazy_h5ad)."""
-  d = config.data
-  return pipeline.open_lazy_h5ad(resolve_path(files[0], d.data_dir), layer=d.layer or None,
-                                 gene_column=d.gene_column or None,
-                                 require_counts=require_counts,
-                                 obs_columns=obs_columns_used(config))
 
 
 def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> stages.StagePlan:

@@ -22,7 +22,8 @@ from sklearn.model_selection import train_test_split
 from gil_jax.canal import labels as labels_lib
 from gil_jax.data import anndata_io
 from gil_jax.data.anndata_io import CellData, DataError
-from gil_jax.experiment import as_names, resolve_path
+from gil_jax.data.corpus import resolve_path
+from gil_jax.experiment import as_names
 
 log = logging.getLogger("gil_jax")
 SOURCE_NORMALISATIONS = ("log1p_cp10k", "log1p", "none")

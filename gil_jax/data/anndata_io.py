@@ -292,7 +292,8 @@ def from_anndata(adata: ad.AnnData, *, layer: str | None = None, gene_column: st
 
 
 def concat(datas: Sequence[CellData], name: str) -> CellData:
-  """Stacks cells on the union of genes (first-appearance order); panels keep 'not measured'."""
+  """Stacks cells on the union of genes (first-appearance order); panels keep 'not measured'.
+  Lazy (on-disk) X's stay on disk: the result reads rows from the files (`corpus.py`)."""
   if not datas:
     raise DataError(f"concat({name!r}): no datasets given; list at least one data file.")
   names = [n for d in datas for n in d.dataset_names]
@@ -305,11 +306,15 @@ def concat(datas: Sequence[CellData], name: str) -> CellData:
     for g in d.gene_ids:
       union.setdefault(g, len(union))
   n_genes = len(union)
-  mats, panels, dsi, obs, offset = [], [], [], [], 0
+  lazy = not all(sp.issparse(d.X) for d in datas)
+  mats, col_maps, panels, dsi, obs, offset = [], [], [], [], [], 0
   for d in datas:
     cols = np.array([union[g] for g in d.gene_ids], np.int64)
-    x = d.X.tocsr()
-    mats.append(sp.csr_matrix((x.data, cols[x.indices], x.indptr), shape=(x.shape[0], n_genes)))
+    col_maps.append(cols)
+    if not lazy:
+      x = d.X.tocsr()
+      mats.append(sp.csr_matrix((x.data, cols[x.indices], x.indptr),
+                                shape=(x.shape[0], n_genes)))
     p = np.zeros((len(d.dataset_names), n_genes), bool)
     p[:, cols] = d.panel
     panels.append(p)
@@ -322,8 +327,12 @@ def concat(datas: Sequence[CellData], name: str) -> CellData:
   if obs.index.has_duplicates:
     obs.index = (obs["dataset"].astype(str) + ":" + obs.index.astype(str)).to_numpy()
   obs["dataset"] = pd.Categorical(obs["dataset"].astype(str), categories=names)
-  X = sp.vstack(mats, format="csr").astype(np.float32)
-  X.sort_indices()
+  if lazy:
+    from gil_jax.data.corpus import LazyCorpusRows  # noqa: PLC0415 -- corpus imports this module
+    X = LazyCorpusRows([d.X for d in datas], col_maps, n_genes)
+  else:
+    X = sp.vstack(mats, format="csr").astype(np.float32)
+    X.sort_indices()
   return CellData(
       name=name, X=X, gene_ids=np.array(list(union), dtype=str), obs=obs,
       panel=np.concatenate(panels, 0), dataset_index=np.concatenate(dsi).astype(np.int32),

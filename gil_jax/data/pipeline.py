@@ -48,6 +48,7 @@ class CSRScan:
   row_sums: np.ndarray        # float32[rows] (summed like the in-memory reader)
   col_nnz: np.ndarray         # int64[genes]: rows with a non-zero value
   stats: ValueStats           # NaN/inf, negatives, integrality of the stored values
+  col_sums: np.ndarray | None = None  # float64[genes]: sum of the stored values
 
 
 class LazyCSRRows:
@@ -93,6 +94,7 @@ class LazyCSRRows:
     self._rows: np.ndarray | None = None   # kept file rows (None = all)
     self._col_means: np.ndarray | None = None
     self._col_nnz: np.ndarray | None = None
+    self.col_sums: np.ndarray | None = None  # float64[genes], set by open_lazy_h5ad's scan
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -113,7 +115,7 @@ class LazyCSRRows:
       raise ValueError(f"keep has shape {keep.shape}, expected ({self.shape[0]},)")
     current = np.arange(len(self.indptr) - 1) if self._rows is None else self._rows
     self._rows = current[keep]
-    self._col_means = self._col_nnz = None
+    self._col_means = self._col_nnz = self.col_sums = None
 
   def __getitem__(self, rows) -> sp.csr_matrix:
     rows = np.asarray(rows, np.int64).reshape(-1)
@@ -121,22 +123,49 @@ class LazyCSRRows:
       rows = self._rows[rows]
     starts, ends = self.indptr[rows], self.indptr[rows + 1]
     counts = ends - starts
-    # one read of the covering range when rows are dense in the file, else one read per row
-    lo, hi = (int(starts.min()), int(ends.max())) if len(rows) else (0, 0)
-    if hi - lo <= 4 * max(int(counts.sum()), 1):
-      data, idx = self._data[lo:hi], self._indices[lo:hi]
-      take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) - lo \
-          if len(rows) else np.zeros(0, np.int64)
-      data, idx = data[take], idx[take]
-    else:
-      data = np.concatenate([self._data[s:e] for s, e in zip(starts, ends)])
-      idx = np.concatenate([self._indices[s:e] for s, e in zip(starts, ends)])
+    total = int(counts.sum())
+    # rows sorted by position, merged into runs whose gaps are small: one read per run (a block
+    # of consecutive cells is one read), then each row's entries gathered from its run
+    order = np.argsort(starts, kind="stable")
+    s_sorted, e_sorted = starts[order], ends[order]
+    run_end = np.maximum.accumulate(e_sorted) if len(rows) else e_sorted
+    new_run = np.r_[True, s_sorted[1:] > run_end[:-1] + self.MERGE_GAP] if len(rows) else \
+        np.zeros(0, bool)
+    run_id = np.cumsum(new_run) - 1
+    firsts = np.flatnonzero(new_run)
+    lasts = np.r_[firsts[1:] - 1, len(rows) - 1] if len(rows) else firsts
+    lo, hi = s_sorted[firsts], run_end[lasts]
+    base = np.concatenate([[0], np.cumsum(hi - lo)])
+    data = np.concatenate([self._data[a:b] for a, b in zip(lo, hi)] or [np.zeros(0, np.float32)])
+    idx = np.concatenate([self._indices[a:b] for a, b in zip(lo, hi)] or [np.zeros(0, np.int32)])
+    row_run = np.empty(len(rows), np.int64)
+    row_run[order] = run_id
+    offset = starts - lo[row_run] + base[row_run]      # each row's first entry in data/idx
+    take = np.arange(total) + np.repeat(offset - np.r_[0, np.cumsum(counts)[:-1]], counts)
     indptr = np.concatenate([[0], np.cumsum(counts)])
-    m = sp.csr_matrix((data.astype(np.float32), idx.astype(np.int32), indptr),
+    m = sp.csr_matrix((data[take].astype(np.float32), idx[take].astype(np.int32), indptr),
                       shape=(len(rows), self.n_cols))
     m.sum_duplicates()
     m.eliminate_zeros()
     return m
+
+  MERGE_GAP = 1 << 14  # stored entries: rows closer than this in the file are read in one run
+
+  def __getstate__(self) -> dict:
+    """Picklable (for loader worker processes): the open HDF5 handle is reopened on load."""
+    state = dict(self.__dict__)
+    for k in ("_file", "_data", "_indices"):
+      state.pop(k, None)
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    try:
+      self._file = h5py.File(self.path, "r")
+    except OSError as e:
+      raise unreadable_file_error(self.path, e) from e
+    g = self._file[self.key]
+    self._data, self._indices = g["data"], g["indices"]
 
   def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(owner, values, columns) of the kept rows, file order, <= chunk_nnz entries per chunk
@@ -169,6 +198,7 @@ class LazyCSRRows:
     """One streaming pass: row sums, per-column non-zero counts and value statistics."""
     sums = np.zeros(self.shape[0], np.float32)
     nnz = np.zeros(self.n_cols, np.int64)
+    col_sums = np.zeros(self.n_cols, np.float64)
     stats = ValueStats()
     for owner, vals, cols in self._chunks():
       if not len(vals):
@@ -178,8 +208,9 @@ class LazyCSRRows:
       starts = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
       sums[owner[starts]] = np.add.reduceat(vals, starts)
       nnz += np.bincount(cols[vals != 0], minlength=self.n_cols)
+      col_sums += np.bincount(cols, weights=vals, minlength=self.n_cols)
     self._col_nnz = nnz
-    return CSRScan(row_sums=sums, col_nnz=nnz, stats=stats)
+    return CSRScan(row_sums=sums, col_nnz=nnz, stats=stats, col_sums=col_sums)
 
   def row_sums(self) -> np.ndarray:
     """float32[rows]: per-row sums (one streaming pass)."""
@@ -242,13 +273,14 @@ def _panel_metadata(f: h5py.File, n_genes: int, source: str):
 def open_lazy_h5ad(path: str | os.PathLike, name: str | None = None, *,
                    layer: str | None = None, gene_column: str | None = None,
                    require_counts: bool = False, obs_columns: Sequence[str] | None = None,
-                   chunk_nnz: int = 1 << 22) -> CellData:
+                   chunk_nnz: int = 1 << 22, scan: CSRScan | None = None) -> CellData:
   """A `CellData` over `path` whose X rows are read on demand (see module docstring).
 
   Same options, checks and result as `anndata_io.read_h5ad` (value and gene-id validation,
   cells with total 0 dropped, dataset panels written by `CellData.to_anndata`), done in one
   streaming pass over the stored values; X must be CSR (and so must `layer`). obs holds the
-  cell names, 'dataset' and only the `obs_columns` asked for (default: none).
+  cell names, 'dataset' and only the `obs_columns` asked for (default: none). `scan`: that pass's
+  result cached earlier (a corpus manifest, `corpus.py`), so that no value is read here.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -258,14 +290,15 @@ def open_lazy_h5ad(path: str | os.PathLike, name: str | None = None, *,
   source, what = path, ("X" if layer is None else f"layer {layer!r}")
   X = LazyCSRRows(path, "X" if layer is None else f"layers/{layer}", chunk_nnz=chunk_nnz)
   try:
-    return _lazy_cell_data(X, name, source, what, gene_column, require_counts, obs_columns)
+    return _lazy_cell_data(X, name, source, what, gene_column, require_counts, obs_columns, scan)
   except BaseException:
     X.close()
     raise
 
 
 def _lazy_cell_data(X: LazyCSRRows, name: str, source: str, what: str, gene_column: str | None,
-                    require_counts: bool, obs_columns: Sequence[str] | None) -> CellData:
+                    require_counts: bool, obs_columns: Sequence[str] | None,
+                    scan: CSRScan | None) -> CellData:
   """`open_lazy_h5ad` after X is open: ids, obs columns, panels and the validating scan."""
   f = X._file
   var_cols, obs_cols = _columns(f, "var"), _columns(f, "obs")
@@ -303,13 +336,20 @@ def _lazy_cell_data(X: LazyCSRRows, name: str, source: str, what: str, gene_colu
   for c in wanted:
     obs[c] = _read_column(f, "obs", c)
 
-  scan = X.scan()
+  if scan is None:
+    scan = X.scan()
+  elif scan.row_sums.shape != (X.shape[0],) or scan.col_nnz.shape != (X.shape[1],):
+    raise DataError(f"{source}: its cached statistics (corpus manifest) are for another shape "
+                    f"than {what} {X.shape}; rewrite the manifest (`gil-jax corpus`).")
+  X._col_nnz = scan.col_nnz
+  X.col_sums = scan.col_sums
   is_counts = check_value_stats(scan.stats, require_counts, source, what)
   totals = scan.row_sums
   keep = expressing_cells(totals, source, what)
   if not keep.all():
     X.select(keep)
     X._col_nnz = scan.col_nnz  # the dropped rows hold zeros only (values are >= 0)
+    X.col_sums = scan.col_sums
     obs, dataset_index, totals = obs.iloc[np.flatnonzero(keep)], dataset_index[keep], totals[keep]
   obs = obs.copy()
   obs["dataset"] = pd.Categorical(np.asarray(names, object)[dataset_index], categories=names)

@@ -152,3 +152,51 @@ def simulate_cell_data(cfg: SimConfig | None = None) -> CellData:
   if len(datas) == 1:
     return dataclasses.replace(datas[0], name="sim")
   return concat(datas, name="sim")
+
+
+def shard_panel(cfg: SimConfig, shard: int, min_fraction: float = 0.5) -> np.ndarray:
+  """int[k]: sorted gene indices measured by corpus shard `shard` (a uniform share of the genes
+  between `min_fraction` and all; drawn from (seed, shard) alone)."""
+  rng = np.random.default_rng([cfg.seed, 19, shard])
+  k = int(rng.integers(max(1, int(min_fraction * cfg.n_genes)), cfg.n_genes + 1))
+  return np.sort(rng.choice(cfg.n_genes, k, replace=False))
+
+
+def simulate_shard(cfg: SimConfig, shard: int, genes: np.ndarray, chunk: int = 1000
+                   ) -> ad.AnnData:
+  """`cfg.n_cells` cells of corpus shard `shard` measured on `genes` (indices), as integer
+  counts (CSR float32), drawn `chunk` cells at a time (memory O(chunk x genes)).
+
+  All shards share the generative latents of `cfg` (gene modules, loadings, base means, cell
+  type programs), so a gene means the same in every shard; cells, batches and library sizes are
+  drawn from (seed, shard, chunk). obs: cell_type, batch, dataset.
+  """
+  _check(cfg)
+  lat = _latents(cfg)
+  genes = np.asarray(genes, np.int64)
+  types = [f"type{t}" for t in range(cfg.n_cell_types)]
+  batches = [f"batch{b}" for b in range(cfg.n_batches)]
+  shape = np.float32(1.0 / cfg.dispersion)
+  mats, cell_type, batch = [], [], []
+  for i, c0 in enumerate(range(0, cfg.n_cells, chunk)):
+    rng = np.random.default_rng([cfg.seed, 17, shard, i])
+    c = min(chunk, cfg.n_cells - c0)
+    t = rng.choice(cfg.n_cell_types, size=c, p=lat["type_p"])
+    b = rng.integers(0, cfg.n_batches, c)
+    activity = lat["program"][t] + rng.normal(0.0, cfg.activity_noise_sd, (c, cfg.n_modules))
+    lib = rng.normal(cfg.lib_log_mean, cfg.lib_log_sd, c)
+    log_mu = (lat["base"][genes][None, :]
+              + lat["loading"][genes][None, :] * activity[:, lat["module"][genes]]
+              + lat["batch_shift"][b][:, genes] + lib[:, None]).astype(np.float32)
+    lam = rng.standard_gamma(shape, size=log_mu.shape, dtype=np.float32) * (np.exp(log_mu) / shape)
+    mats.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
+    cell_type.append(t)
+    batch.append(b)
+  name = f"shard{shard:03d}"
+  obs = pd.DataFrame({
+      "cell_type": pd.Categorical(np.asarray(types)[np.concatenate(cell_type)], categories=types),
+      "batch": pd.Categorical(np.asarray(batches)[np.concatenate(batch)], categories=batches),
+      "dataset": pd.Categorical([name] * cfg.n_cells),
+  }, index=pd.Index([f"{name}_cell{i:06d}" for i in range(cfg.n_cells)]))
+  var = pd.DataFrame(index=pd.Index(np.asarray(gene_names(cfg.n_genes))[genes]))
+  return ad.AnnData(X=sp.vstack(mats, format="csr"), obs=obs, var=var)

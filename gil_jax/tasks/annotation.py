@@ -29,7 +29,8 @@ from gil_jax.canal.model import eval_step_for, init_params, load_gil_params, tra
 from gil_jax.canal.stream import Stream, build_stream
 from gil_jax.data import anndata_io, batching
 from gil_jax.data.vocab import GeneVocab
-from gil_jax.experiment import as_names, resolve_path
+from gil_jax.data.corpus import resolve_path
+from gil_jax.experiment import as_names
 from gil_jax.losses import registry
 from gil_jax.models import build_model
 from gil_jax.core import loop

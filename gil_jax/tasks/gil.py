@@ -197,8 +197,7 @@ class Runner(loop.Runner):
     config = self.config
     if config.data.source != "h5ad":
       return []
-    return [experiment.resolve_path(f, config.data.data_dir)
-            for f in experiment.as_names(config.data.files)]
+    return experiment.data_files(config)[0]
 
 
 def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str],
@@ -213,7 +212,7 @@ def extend_config(config: ml_collections.ConfigDict, meta: dict, files: list[str
         f"this run reads config.data.source={d.source!r} (lazy={d.lazy}); extend appends .h5ad "
         "files to a run on in-memory .h5ad data (config.data.source='h5ad', data.lazy=False).")
   have = experiment.as_names(d.files)
-  paths = {os.path.abspath(experiment.resolve_path(f, d.data_dir)) for f in have}
+  paths = {os.path.abspath(f) for f in experiment.data_files(config)[0]}
   new = [os.path.abspath(f) for f in files if os.path.abspath(f) not in paths]
   from gil_jax.data import anndata_io  # noqa: PLC0415
   known = GeneVocab.from_json(meta["vocab"]).gene_ids if meta.get("vocab") else []

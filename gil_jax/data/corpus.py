@@ -1,0 +1,290 @@
+"""A corpus: many `.h5ad` files read lazily as one `CellData`, described by a manifest.
+
+* ``expand_files(items, data_dir)``: `config.data.files` entries -> .h5ad paths. An entry is a
+  file (or a name under `data_dir`), a directory (its ``manifest.json`` if there is one, else its
+  ``*.h5ad`` files, sorted), a glob (``shards/*.h5ad``) or a manifest ``.json``.
+* ``write_manifest(paths, out)`` (``gil-jax corpus``): validates every file in one streaming pass
+  (CSR, NaN/inf, negative values, duplicate gene ids, like any lazy read) and writes per file its
+  cells, genes, layer, whether it holds counts, its categorical obs columns (label / batch
+  candidates) and a content checksum, plus the pass's statistics (per-cell totals, per-gene
+  detection counts and sums) in a side file, so that opening the corpus reads no values.
+* ``open_corpus(paths, ...)``: one lazy `CellData` over all files: rows are the files' cells in
+  order, columns the union of their genes, and each file keeps its own gene panel (a gene a file
+  does not measure is "not measured", never a zero). With a manifest, every file is checked
+  against its recorded size and checksum first; a changed file is refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from gil_jax import integrity
+from gil_jax.data import anndata_io, pipeline
+from gil_jax.data.anndata_io import CellData, DataError, ValueStats
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "gil_jax.corpus/1"
+
+
+def resolve_path(name: str, data_dir: str) -> str:
+  """A file name of `config.data.files` as a path: as given if it exists or is absolute, else
+  under `data_dir` (with `.h5ad` appended when missing)."""
+  if os.path.isabs(name) or os.path.exists(name):
+    return name
+  return os.path.join(data_dir, name if name.endswith(".h5ad") else name + ".h5ad")
+
+
+def expand_files(items: Sequence[str], data_dir: str) -> tuple[list[str], dict | None]:
+  """(.h5ad paths, the manifest read, or None) for `config.data.files` entries (module doc).
+
+  A manifest must be the only entry; a directory, glob or manifest that yields no file is a
+  DataError naming it.
+  """
+  paths, manifest = [], None
+  for item in items:
+    where = item if os.path.exists(item) or os.path.isabs(item) or any(
+        c in item for c in "*?[") else os.path.join(data_dir, item)
+    if os.path.isdir(where) and os.path.isfile(os.path.join(where, MANIFEST_NAME)):
+      where = os.path.join(where, MANIFEST_NAME)
+    if where.endswith(".json"):
+      if len(items) != 1:
+        raise DataError(f"config.data.files lists a corpus manifest ({item}) and other entries; a "
+                        "manifest must be the only entry (list every file in it: `gil-jax corpus`).")
+      manifest = read_manifest(where)
+      return [f["abspath"] for f in manifest["files"]], manifest
+    if os.path.isdir(where):
+      found = sorted(glob.glob(os.path.join(where, "*.h5ad")))
+      if not found:
+        raise DataError(f"directory {where!r} (config.data.files) holds no .h5ad file.")
+      paths += found
+    elif any(c in item for c in "*?["):
+      found = sorted(glob.glob(where))
+      if not found:
+        raise DataError(f"the pattern {item!r} (config.data.files) matches no file.")
+      paths += found
+    else:
+      paths.append(resolve_path(item, data_dir))
+  dup = sorted({p for p in paths if paths.count(p) > 1})
+  if dup:
+    raise DataError(f"config.data.files names {dup} more than once; list every file once.")
+  return paths, manifest
+
+
+# ---------------------------------------------------------------------------- manifest
+
+def _stats_path(manifest_path: str) -> str:
+  return os.path.splitext(manifest_path)[0] + ".stats.npz"
+
+
+def _file_hash(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def write_manifest(paths: Sequence[str], out: str, *, layer: str | None = None,
+                   gene_column: str | None = None, progress: bool = True) -> dict:
+  """Validates `paths` (one streaming pass each) and writes the manifest `out` (.json) and its
+  statistics (`out` with `.stats.npz`); returns the manifest. Paths are stored relative to the
+  manifest's folder, so a corpus folder can be moved as a whole."""
+  if not paths:
+    raise DataError("no .h5ad file given for the corpus manifest.")
+  folder = os.path.dirname(os.path.abspath(out))
+  files, arrays = [], {}
+  for i, path in enumerate(tqdm(paths, desc="corpus", unit="file", disable=not progress)):
+    path = os.path.abspath(path)
+    X = _open_rows(path, layer)
+    try:
+      scan = X.scan()
+      data = pipeline._lazy_cell_data(X, _name(path), path, _what(layer), gene_column, False,
+                                      None, scan)
+      nnz = X.nnz
+      obs_cols = pipeline._columns(X._file, "obs")
+      categorical = [c for c in obs_cols
+                     if X._file["obs"][c].attrs.get("encoding-type") == "categorical"]
+    finally:
+      X.close()
+    fp = integrity.file_fingerprint(path)
+    files.append({"path": os.path.relpath(path, folder), "name": data.name,
+                  "cells": int(scan.row_sums.shape[0]), "cells_used": int(data.n_cells),
+                  "genes": int(data.n_genes), "nnz": int(nnz), "is_counts": bool(data.is_counts),
+                  "obs_columns": obs_cols, "categorical_obs_columns": categorical,
+                  "size": fp["size"], "sampled_checksum": fp["sampled_checksum"],
+                  "checksum": _file_hash(path)})
+    arrays.update({f"{i}/row_sums": scan.row_sums, f"{i}/col_nnz": scan.col_nnz,
+                   f"{i}/col_sums": scan.col_sums})
+  names = [f["name"] for f in files]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise DataError(f"the corpus has several files named {dup} (file names must be unique).")
+  stats_path = _stats_path(out)
+  tmp = stats_path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, stats_path)
+  manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "layer": layer, "gene_column": gene_column,
+              "stats_file": os.path.basename(stats_path), "stats_checksum": _file_hash(stats_path),
+              "cells": sum(f["cells_used"] for f in files), "files": files}
+  tmp = out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, out)
+  return manifest
+
+
+def read_manifest(path: str, verify: bool = True) -> dict:
+  """The manifest at `path` with each file's `abspath` and cached `scan`; with `verify`, every
+  file's size and sampled checksum (and the statistics file's full checksum) must match."""
+  try:
+    with open(path) as f:
+      m = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot read the corpus manifest {path!r} ({e}); rewrite it with "
+                    "`gil-jax corpus DIR`.") from e
+  if not isinstance(m, dict) or m.get("format") != FORMAT:
+    raise DataError(f"{path} is not a gil_jax corpus manifest (format {FORMAT!r}); write one with "
+                    "`gil-jax corpus DIR`.")
+  folder = os.path.dirname(os.path.abspath(path))
+  stats_path = os.path.join(folder, m["stats_file"])
+  fix = f"rewrite the manifest: `gil-jax corpus {folder}`"
+  if not os.path.isfile(stats_path) or (verify and _file_hash(stats_path) != m["stats_checksum"]):
+    raise DataError(f"{path}: its statistics file {stats_path} is missing or changed; {fix}.")
+  with np.load(stats_path) as z:
+    for i, f in enumerate(m["files"]):
+      f["abspath"] = os.path.normpath(os.path.join(folder, f["path"]))
+      f["scan"] = pipeline.CSRScan(row_sums=z[f"{i}/row_sums"], col_nnz=z[f"{i}/col_nnz"],
+                                   stats=ValueStats(is_counts=f["is_counts"]),
+                                   col_sums=z[f"{i}/col_sums"])
+  if verify:
+    for f in m["files"]:
+      p = f["abspath"]
+      if not os.path.isfile(p):
+        raise DataError(f"corpus file {p} (listed in {path}) is missing; restore it or {fix}.")
+      fp = integrity.file_fingerprint(p)
+      if fp["size"] != f["size"] or fp["sampled_checksum"] != f["sampled_checksum"]:
+        raise DataError(f"corpus file {p} changed since the manifest {path} was written (size "
+                        f"{f['size']} -> {fp['size']}, checksum {f['sampled_checksum']} -> "
+                        f"{fp['sampled_checksum']}); restore it or {fix}.")
+  return m
+
+
+# ---------------------------------------------------------------------------- lazy rows
+
+class LazyCorpusRows:
+  """Rows of several `LazyCSRRows` stacked, their columns mapped onto the union gene list.
+
+  The same interface as `LazyCSRRows` (shape, nnz, rows -> CSR, col_nnz, col_means, close), so
+  batching, stage plans and evaluation work on a corpus unchanged. Picklable.
+  """
+
+  def __init__(self, parts: Sequence[pipeline.LazyCSRRows], col_maps: Sequence[np.ndarray],
+               n_cols: int):
+    self.parts, self.col_maps, self.n_cols = list(parts), [np.asarray(c, np.int32)
+                                                           for c in col_maps], int(n_cols)
+    self.offsets = np.concatenate([[0], np.cumsum([p.shape[0] for p in self.parts])])
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (int(self.offsets[-1]), self.n_cols)
+
+  @property
+  def nnz(self) -> int:
+    return sum(p.nnz for p in self.parts)
+
+  def __getitem__(self, rows) -> sp.csr_matrix:
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    part = np.searchsorted(self.offsets, rows, side="right") - 1
+    order = np.argsort(part, kind="stable")
+    mats = []
+    for k in np.unique(part):
+      m = self.parts[k][rows[part == k] - self.offsets[k]]
+      mats.append(sp.csr_matrix((m.data, self.col_maps[k][m.indices], m.indptr),
+                                shape=(m.shape[0], self.n_cols)))
+    if not mats:
+      return sp.csr_matrix((0, self.n_cols), dtype=np.float32)
+    stacked = sp.vstack(mats, format="csr") if len(mats) > 1 else mats[0]
+    inverse = np.empty(len(rows), np.int64)
+    inverse[order] = np.arange(len(rows))
+    return stacked[inverse] if len(mats) > 1 else stacked
+
+  def _mapped(self, per_part) -> np.ndarray:
+    out = np.zeros(self.n_cols, np.float64)
+    for cols, v in zip(self.col_maps, per_part):
+      np.add.at(out, cols, v)
+    return out
+
+  def col_nnz(self) -> np.ndarray:
+    return self._mapped([p.col_nnz() for p in self.parts]).astype(np.int64)
+
+  def col_means(self) -> np.ndarray:
+    """float32[genes]: mean over all rows (a file that does not measure a gene adds 0)."""
+    sums = []
+    for p in self.parts:
+      if p.col_sums is None:
+        p.col_sums = p.col_means().astype(np.float64) * p.shape[0]
+      sums.append(p.col_sums)
+    return (self._mapped(sums) / max(1, self.shape[0])).astype(np.float32)
+
+  def close(self) -> None:
+    for p in self.parts:
+      p.close()
+
+
+# ---------------------------------------------------------------------------- opening
+
+def _name(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _what(layer: str | None) -> str:
+  return "X" if layer is None else f"layer {layer!r}"
+
+
+def _open_rows(path: str, layer: str | None) -> pipeline.LazyCSRRows:
+  if not os.path.isfile(path):
+    anndata_io._fail_missing_file(path)
+  return pipeline.LazyCSRRows(path, "X" if layer is None else f"layers/{layer}")
+
+
+def open_corpus(paths: Sequence[str], *, layer: str | None = None,
+                gene_column: str | None = None, require_counts: bool = False,
+                obs_columns: Sequence[str] | None = None, manifest: dict | None = None,
+                progress: bool = True) -> CellData:
+  """One lazy `CellData` over `paths` (module doc). With `manifest` (from `read_manifest`), its
+  cached statistics replace the validating pass and its layer must be the one asked for."""
+  if manifest is not None and (manifest.get("layer") != layer
+                               or manifest.get("gene_column") != gene_column):
+    raise DataError(f"the corpus manifest was written for layer {manifest.get('layer')!r} and gene "
+                    f"column {manifest.get('gene_column')!r}, the config asks for {layer!r} / "
+                    f"{gene_column!r}; rewrite it (`gil-jax corpus DIR --layer ...`) or fix "
+                    "config.data.layer / config.data.gene_column.")
+  scans = [f["scan"] for f in manifest["files"]] if manifest else [None] * len(paths)
+  datas = []
+  for path, scan in zip(tqdm(paths, desc="opening corpus", unit="file",
+                             disable=not progress or len(paths) < 2), scans):
+    datas.append(pipeline.open_lazy_h5ad(path, layer=layer, gene_column=gene_column,
+                                         require_counts=require_counts,
+                                         obs_columns=obs_columns, scan=scan))
+  if len(datas) == 1:
+    return datas[0]
+  return anndata_io.concat(datas, name=f"corpus of {len(datas)} files")
+
+
+def summary(manifest: dict) -> dict:
+  """Totals of a manifest (for `gil-jax corpus`'s printout)."""
+  files = manifest["files"]
+  cells = sum(f["cells_used"] for f in files)
+  return {"files": len(files), "cells": cells,
+          "genes_per_file": [min(f["genes"] for f in files), max(f["genes"] for f in files)],
+          "detected_per_cell": round(sum(f["nnz"] for f in files) / max(1, cells), 1),
+          "bytes": sum(f["size"] for f in files),
+          "counts": all(f["is_counts"] for f in files)}
+
