@@ -1,13 +1,25 @@
-"""Data pipeline throughput: lazy .h5ad rows -> numpy Batches -> device arrays (cells/s).
+"""Input pipeline throughput: lazy .h5ad rows (one file or a corpus) -> token Batches -> device
+arrays, in cells/s, through the training loader (`gil_jax/data/loader.py`, grain).
 
-  python benchmarks/bench_pipeline.py --file ../shared/data/pbmc_3chem_10x_scWGParis_nolabels.h5ad \
-      --batch 32 --seq-len 512 --steps 50 --json
+  python benchmarks/make_corpus.py --out /tmp/corpus && gil-jax corpus /tmp/corpus
+  python benchmarks/bench_pipeline.py --corpus /tmp/corpus --batch 64 --seq-len 128 --json
+  python benchmarks/bench_pipeline.py --corpus ../shared/data/pbmc_3chem_10x_scWGParis_nolabels.h5ad
+
+For each worker count (`--workers 0,1,2`: 0 = one background thread) it times `--steps` steps
+after the first (start-up is reported apart), with block shuffling (`--block` consecutive cells
+per unit). Beside it, on the same cells in the same order:
+  * `annbatch` (scverse's loader) when it is installed: it needs Python >= 3.12, so on a 3.11
+    host the JSON says why it was not run;
+  * anndata's own backed mode (`read_h5ad(backed='r')`, `X[rows]`): rows read only, no
+    tokenisation, so an upper bound for a reader built on it.
+Peak RSS of this process and of the worker processes is reported (ru_maxrss).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -15,43 +27,101 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import emit  # noqa: E402 (first: it may re-exec)
 
+import anndata as ad  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gil_jax import parallel  # noqa: E402
-from gil_jax.data import batching, pipeline  # noqa: E402
+from gil_jax.data import batching, corpus, loader  # noqa: E402
+
+
+def _time_loader(make, steps: int, workers: int, put) -> tuple[float, float]:
+  """(first-batch seconds, cells/s over the following steps)."""
+  t0 = time.perf_counter()
+  with loader.StepIterator(make, 0, steps + 1, workers=workers, prefetch=4, post=put) as it:
+    _, b = next(it)
+    jax.block_until_ready(b.values)
+    first = time.perf_counter() - t0
+    t, n = time.perf_counter(), 0
+    for _, b in it:
+      jax.block_until_ready(b.values)
+      n += int(np.sum(np.asarray(b.cell_mask)))
+  return first, n / (time.perf_counter() - t)
+
+
+def _anndata_backed(files: list[str], rows_per_step: list[np.ndarray]) -> float:
+  """cells/s of anndata backed-mode row reads of the same cells (grouped by file)."""
+  handles = [ad.read_h5ad(f, backed="r") for f in files]
+  offsets = np.concatenate([[0], np.cumsum([h.n_obs for h in handles])])
+  t, n = time.perf_counter(), 0
+  for rows in rows_per_step:
+    part = np.searchsorted(offsets, rows, side="right") - 1
+    for k in np.unique(part):
+      local = np.sort(rows[part == k] - offsets[k])
+      handles[k].X[local]
+    n += len(rows)
+  dt = time.perf_counter() - t
+  for h in handles:
+    h.file.close()
+  return n / dt
+
+
+def _annbatch(files: list[str]) -> dict:
+  try:
+    import annbatch  # noqa: F401,PLC0415
+  except ImportError:
+    return {"annbatch_cells_per_s": None,
+            "annbatch_note": (f"annbatch is not installed (it requires Python >= 3.12; this is "
+                              f"{sys.version_info.major}.{sys.version_info.minor})")}
+  return {"annbatch_cells_per_s": None,
+          "annbatch_note": "annbatch is installed but this benchmark has no driver for it yet"}
 
 
 def run(args) -> dict:
+  files, manifest = corpus.expand_files([args.corpus], ".")
   t = time.perf_counter()
-  data = pipeline.open_lazy_h5ad(args.file)
+  data = corpus.open_corpus(files, manifest=manifest, progress=False)
   open_s = time.perf_counter() - t
   spec = batching.BatchSpec(batch_size=args.batch, n_tokens=args.seq_len)
   c2r = np.arange(1, data.n_genes + 1, dtype=np.int32)
-  mesh = parallel.make_mesh({"data": -1, "model": 1})
-  sh = parallel.data_sharded(mesh)
-  src = batching.stage_batches(data, np.arange(data.n_cells), c2r, spec, 0, 0, 0, args.steps)
-  put = lambda sb: (sb[0], jax.device_put(sb[1], sh))
-  t = time.perf_counter()
-  n = 0
-  with pipeline.Prefetcher(src, put=put, depth=args.depth) as p:
-    for _, b in p:
-      jax.block_until_ready(b.values)
-      n += int(np.sum(np.asarray(b.cell_mask)))
-  dt = time.perf_counter() - t
-  return {"file": os.path.basename(args.file), "cells": data.n_cells, "genes": data.n_genes,
-          "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-          "open_s": round(open_s, 3), "cells_per_s": round(n / dt, 1),
-          "batches_per_s": round(args.steps / dt, 2)}
+  sh = parallel.data_sharded(parallel.make_mesh({"data": -1, "model": 1}))
+  put = lambda sb: (sb[0], jax.device_put(sb[1], sh))  # noqa: E731
+  make = batching.StageBatchMaker(data, np.arange(data.n_cells), c2r, spec, 0, 0,
+                                  block=args.block)
+  out = {"corpus": args.corpus, "files": len(files), "cells": data.n_cells,
+         "genes": data.n_genes, "batch": args.batch, "seq_len": args.seq_len,
+         "steps": args.steps, "block": args.block, "open_s": round(open_s, 3)}
+  for w in [int(x) for x in args.workers.split(",")]:
+    first, rate = _time_loader(make, args.steps, w, put)
+    out[f"workers{w}_first_batch_s"] = round(first, 2)
+    out[f"workers{w}_cells_per_s"] = round(rate, 1)
+  best = max(v for k, v in out.items() if k.endswith("_cells_per_s"))
+  order = batching.epoch_order(np.arange(data.n_cells), 0, 0, 0, args.block)  # the loader's
+  steps = range(min(args.steps, batching.steps_per_epoch(data.n_cells, args.batch)))
+  backed = _anndata_backed(files, [order[s * args.batch:(s + 1) * args.batch] for s in steps])
+  out["anndata_backed_rows_only_cells_per_s"] = round(backed, 1)
+  out.update(_annbatch(files))
+  out["best_cells_per_s"] = best
+  out["ratio_to_anndata_backed_rows_only"] = round(best / backed, 2)
+  if out.get("annbatch_cells_per_s"):
+    out["ratio_to_annbatch"] = round(best / out["annbatch_cells_per_s"], 2)
+  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  out["peak_rss_workers_mb"] = round(
+      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+  return out
 
 
 if __name__ == "__main__":
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--file", default="../shared/data/pbmc_3chem_10x_scWGParis_nolabels.h5ad")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--seq-len", dest="seq_len", type=int, default=512)
-  p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--depth", type=int, default=4)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--corpus", "--file", dest="corpus",
+                 default="../shared/data/pbmc_3chem_10x_scWGParis_nolabels.h5ad",
+                 help="an .h5ad file, a folder of shards (with or without manifest.json), a glob "
+                      "or a manifest")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--seq-len", dest="seq_len", type=int, default=128)
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--workers", default="0,1,2")
+  p.add_argument("--block", type=int, default=16, help="cells per shuffled unit")
   p.add_argument("--json", action="store_true")
   a = p.parse_args()
   emit(run(a), a.json)

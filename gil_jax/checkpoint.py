@@ -25,7 +25,8 @@ log = logging.getLogger("gil_jax")
 # the same attention math by another kernel.
 NON_SEMANTIC_FIELDS = ("train.checkpoint_every", "train.checkpoint_minutes",
                        "train.keep_checkpoints", "train.log_every",
-                       "data.data_dir", "data.lazy", "mesh.data", "mesh.model", "eval.batch_size",
+                       "data.data_dir", "data.lazy", "data.workers", "mesh.data", "mesh.model",
+                       "eval.batch_size",
                        "model.attention")
 
 

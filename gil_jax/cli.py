@@ -5,6 +5,7 @@
   gil-jax annotate --workdir RUN --input query.h5ad --output annotated.h5ad
   gil-jax embed    --workdir RUN --input query.h5ad --output embedded.h5ad
   gil-jax info     --workdir RUN
+  gil-jax corpus   DIR | FILES... [--out DIR/manifest.json] [--layer L] [--gene-column C]
 
 annotate / embed refuse an existing --output (unless --overwrite), an output that is the input
 (also through a link) and a workdir whose training has not finished (unless --allow-partial).
@@ -189,6 +190,21 @@ def _annotate(args, embed_only: bool) -> int:
   return 0
 
 
+def _corpus(args) -> int:
+  import json
+  import os
+  from gil_jax.data import corpus
+  paths, _ = corpus.expand_files(args.paths, ".", use_manifest=False)
+  out = args.out or os.path.join(args.paths[0] if os.path.isdir(args.paths[0])
+                                 else os.path.dirname(os.path.abspath(paths[0])),
+                                 corpus.MANIFEST_NAME)
+  manifest = corpus.write_manifest(paths, out, layer=args.layer or None,
+                                   gene_column=args.gene_column or None,
+                                   progress=not args.quiet)
+  print(json.dumps({"manifest": out, **corpus.summary(manifest)}))
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   if argv is None:  # the real command line: safe to re-execute it (see gil_jax/hostenv.py)
     from gil_jax import hostenv
@@ -200,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                  help="train any config (config.task: gil | annotation); --helpfull for flags")
   sub.add_parser("extend", add_help=False,
                  help="append stages (new .h5ad datasets) to a trained run; --help for flags")
+  c = sub.add_parser("corpus", help="validate .h5ad files and write a corpus manifest "
+                     "(cells, genes, checksums, cached statistics) for config.data.files")
+  c.add_argument("paths", nargs="+", help=".h5ad files, folders (their *.h5ad) or globs")
+  c.add_argument("--out", default="", help="manifest path (default: DIR/manifest.json)")
+  c.add_argument("--layer", default="", help="layer holding the values ('' = X)")
+  c.add_argument("--gene-column", default="", help="var column with gene ids ('' = var_names)")
+  c.add_argument("--quiet", action="store_true", help="no progress bar")
   i = sub.add_parser("info", help="what a trained workdir is (task, method, stages, classes)")
   i.add_argument("--workdir", required=True)
   i.add_argument("--allow-partial", action="store_true")
@@ -236,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
   if rest:
     parser.error(f"unrecognised arguments: {rest}")
   try:
+    if args.command == "corpus":
+      return _corpus(args)
     if args.command == "info":
       import json
       import gil_jax

@@ -84,14 +84,22 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"       # 'synthetic' | 'h5ad'
   c.data.data_dir = "../shared/data"
-  c.data.files = ()                 # tuple of .h5ad names (relative to data_dir) or paths
+  # tuple of .h5ad names (relative to data_dir) or paths, folders, globs, or one corpus manifest
+  # (`gil-jax corpus DIR`; gil_jax/data/corpus.py)
+  c.data.files = ()
   c.data.layer = ""                 # '' = X
   c.data.gene_column = ""           # '' = var_names
   c.data.label_column = ""
   c.data.batch_column = ""
-  # Read the one .h5ad file row by row from disk instead of into memory (files larger than RAM;
-  # X / the layer must be CSR); same results as eager reading (gil_jax/data/pipeline.py).
+  # Read the .h5ad files row by row from disk instead of into memory (corpora larger than RAM;
+  # X / the layer must be CSR); same results as eager reading (gil_jax/data/corpus.py).
   c.data.lazy = False
+  # Training batches are built by the grain pipeline (gil_jax/data/loader.py): 0 = in one
+  # background thread, W > 0 = in W worker processes. Never changes a batch.
+  c.data.workers = 0
+  # Shuffle runs of this many consecutive cells as units (1 = every cell on its own). Lazy data:
+  # a batch then reads batch_size / shuffle_block contiguous row ranges instead of one per cell.
+  c.data.shuffle_block = 1
   c.data.sim = ml_collections.ConfigDict(dict(
       n_cells=6000, n_genes=600, n_cell_types=6, n_modules=30, n_batches=2, n_datasets=1,
       panel_fraction=1.0, seed=0))

@@ -1,4 +1,4 @@
-"""Lazy .h5ad reader, sharded batches and the prefetcher (no shared data needed)."""
+"""Lazy .h5ad reader and sharded batches (no shared data needed)."""
 
 import numpy as np
 import pytest
@@ -46,16 +46,3 @@ def test_shards_partition_the_global_batch(h5ad):
     # the two shards' cells are the two halves of the global chunk (size factors identify them)
     np.testing.assert_allclose(np.concatenate([x.size_factors, y.size_factors]),
                                lazy.size_factors[glob])
-
-
-def test_prefetcher_order_and_errors():
-  with pipeline.Prefetcher(iter(range(20)), put=lambda x: x * 2, depth=3) as p:
-    assert list(p) == [2 * i for i in range(20)]
-
-  def bad():
-    yield 1
-    raise RuntimeError("boom")
-  p = pipeline.Prefetcher(bad())
-  assert next(p) == 1
-  with pytest.raises(RuntimeError, match="boom"):
-    next(p)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gil_jax import checkpoint, distributed, guards, hostenv, integrity, parallel, surgery
 from gil_jax.batch import Batch, empty_batch
-from gil_jax.data import batching, pipeline
+from gil_jax.data import batching, loader
 from gil_jax.losses.transforms import LossTransform, StageEnd
 from gil_jax.core.state import TrainState
 from gil_jax.core.step import make_train_step
@@ -53,7 +53,7 @@ def check_shared_genes(path: str, genes, vocab_genes, min_shared: int, field: st
         f"vocabulary (at least {min_shared} needed: {field}); check that both use the same "
         "kind of gene ids (symbols vs Ensembl) and species.")
 
-PREFETCH = 2  # train batches built (and device_put) ahead of the step, in a background thread
+PREFETCH = 2  # train batches built (and device_put) ahead of the step
 
 
 @dataclasses.dataclass
@@ -246,16 +246,23 @@ class Runner:
       return jax.device_put(batch, self.inputs_sharding["main"])
     return distributed.global_batch(batch, self.mesh)
 
+  def batch_maker(self, k: int, data: StageData, seed: int) -> batching.StageBatchMaker:
+    """step -> (step, this process's rows of stage k's global batch at that step)."""
+    return batching.StageBatchMaker(self.data, data.cells, data.columns_to_rows, self.spec, seed,
+                                    k, labels=data.labels, shard=jax.process_index(),
+                                    n_shards=jax.process_count(),
+                                    block=self.config.data.shuffle_block)
+
   def batches(self, k: int, data: StageData, seed: int, start: int, n: int
               ) -> Iterator[tuple[int, Batch]]:
     """This process's rows of the global batches of steps start .. start+n-1."""
-    return batching.stage_batches(self.data, data.cells, data.columns_to_rows, self.spec, seed,
-                                  k, start, n, labels=data.labels, shard=jax.process_index(),
-                                  n_shards=jax.process_count())
+    make = self.batch_maker(k, data, seed)
+    return (make(step) for step in range(start, start + n))
 
   def train_inputs(self, k: int, data: StageData, transforms, start: int, n: int):
     """Iterator of (step, device inputs) for steps start .. start+n-1 of stage k, built
-    `PREFETCH` steps ahead in a background thread (`pipeline.Prefetcher`).
+    `PREFETCH` steps ahead by the grain pipeline (`data/loader.py`; `config.data.workers`
+    processes, or a background thread).
 
     Batches stay a pure function of (seed, stage, step), so resuming at `start` is exact. With
     several processes each builds only its rows of every global batch and of the transforms'
@@ -276,8 +283,8 @@ class Runner:
           extras = jax.tree.map(lambda x: _process_rows(x, pid, n_proc), extras)
       return step, self.put_inputs({"main": batch, **extras})
 
-    return pipeline.Prefetcher(self.batches(k, data, self.config.seed + data.seed, start, n),
-                               put=build, depth=PREFETCH)
+    return loader.StepIterator(self.batch_maker(k, data, self.config.seed + data.seed), start, n,
+                               workers=self.config.data.workers, prefetch=PREFETCH, post=build)
 
   def consolidation_batches(self, k: int, data: StageData, n: int):
     """n batches of stage k's training data, for transforms that estimate statistics."""

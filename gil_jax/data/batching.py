@@ -255,40 +255,73 @@ def steps_per_epoch(n_cells: int, batch_size: int) -> int:
   return math.ceil(n_cells / batch_size)
 
 
-def epoch_order(cells: np.ndarray, seed: int, stage_index: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, stage_index, epoch]).permutation(np.asarray(cells))
+def epoch_order(cells: np.ndarray, seed: int, stage_index: int, epoch: int,
+                block: int = 1) -> np.ndarray:
+  """The cells in epoch `epoch`'s order. block > 1: consecutive runs of `block` cells (in the
+  given order, e.g. a file's rows) are shuffled as units (block shuffling: a batch then reads a
+  few contiguous row ranges from disk instead of one row per cell); 1: every cell on its own."""
+  cells = np.asarray(cells)
+  rng = np.random.default_rng([seed, stage_index, epoch])
+  if block <= 1:
+    return rng.permutation(cells)
+  starts = rng.permutation(np.arange(0, len(cells), block))
+  return np.concatenate([cells[s:s + block] for s in starts]) if len(cells) else cells
+
+
+@dataclasses.dataclass
+class StageBatchMaker:
+  """step -> (step, Batch): stage `stage_index`'s training batch at `step`, a pure function of
+  (seed, stage_index, step) (see `stage_batches`). Picklable, so loader worker processes can
+  build batches; each caches the current epoch's order."""
+  data: CellData
+  cells: np.ndarray
+  columns_to_rows: np.ndarray
+  spec: BatchSpec
+  seed: int
+  stage_index: int
+  labels: np.ndarray | None = None
+  shard: int = 0
+  n_shards: int = 1
+  block: int = 1
+  _order: tuple = dataclasses.field(default=(-1, None), repr=False, compare=False)
+
+  def __post_init__(self):
+    if self.spec.batch_size % self.n_shards:
+      raise DataError(f"batch_size {self.spec.batch_size} is not divisible by {self.n_shards} "
+                      "processes (config.batch.batch_size)")
+    self.cells = np.asarray(self.cells, np.int64)
+    if len(self.cells) == 0:
+      raise DataError(f"stage {self.stage_index} has no training cells; check the stage plan.")
+
+  def __call__(self, step: int) -> tuple[int, Batch]:
+    B = self.spec.batch_size
+    local = B // self.n_shards
+    e, j = divmod(int(step), steps_per_epoch(len(self.cells), B))
+    if self._order[0] != e:
+      self._order = (e, epoch_order(self.cells, self.seed, self.stage_index, e, self.block))
+    chunk = self._order[1][j * B:(j + 1) * B][self.shard * local:(self.shard + 1) * local]
+    key = [self.seed, self.stage_index, int(step), 1] + ([self.shard] if self.n_shards > 1 else [])
+    return int(step), make_batch(self.data, chunk, self.columns_to_rows,
+                                 dataclasses.replace(self.spec, batch_size=local),
+                                 np.random.default_rng(key), labels=self.labels)
 
 
 def stage_batches(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, spec: BatchSpec,
                   seed: int, stage_index: int, start_step: int = 0, n_steps: int | None = None,
                   labels: np.ndarray | None = None, shard: int = 0,
-                  n_shards: int = 1) -> Iterator[tuple[int, Batch]]:
+                  n_shards: int = 1, block: int = 1) -> Iterator[tuple[int, Batch]]:
   """Yields (step, Batch) for the n_steps steps start_step, start_step+1, ... (None = forever).
 
   Batches are a pure function of (seed, stage_index, step): resuming at start_step reproduces
   an uninterrupted run exactly. The last batch of an epoch is padded. With n_shards > 1, each
   yielded Batch holds only rows [shard * B/n, (shard + 1) * B/n) of the global batch (one
-  process's part in a multi-process run).
+  process's part in a multi-process run). `block`: see `epoch_order`.
   """
-  if spec.batch_size % n_shards:
-    raise DataError(f"batch_size {spec.batch_size} is not divisible by {n_shards} processes "
-                    "(config.batch.batch_size)")
-  local = spec.batch_size // n_shards
-  lspec = dataclasses.replace(spec, batch_size=local)
-  cells = np.asarray(cells, np.int64)
-  if len(cells) == 0:
-    raise DataError(f"stage {stage_index} has no training cells; check the stage plan.")
-  spe = steps_per_epoch(len(cells), spec.batch_size)
-  epoch, order = -1, None
-  step, end = start_step, None if n_steps is None else start_step + n_steps
-  while end is None or step < end:
-    e, j = divmod(step, spe)
-    if e != epoch:
-      epoch, order = e, epoch_order(cells, seed, stage_index, e)
-    chunk = order[j * spec.batch_size:(j + 1) * spec.batch_size][shard * local:(shard + 1) * local]
-    key = [seed, stage_index, step, 1] + ([shard] if n_shards > 1 else [])
-    yield step, make_batch(data, chunk, columns_to_rows, lspec, np.random.default_rng(key),
-                           labels=labels)
+  make = StageBatchMaker(data, cells, columns_to_rows, spec, seed, stage_index, labels, shard,
+                         n_shards, block)
+  step = start_step
+  while n_steps is None or step < start_step + n_steps:
+    yield make(step)
     step += 1
 
 

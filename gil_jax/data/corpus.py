@@ -43,19 +43,24 @@ def resolve_path(name: str, data_dir: str) -> str:
   return os.path.join(data_dir, name if name.endswith(".h5ad") else name + ".h5ad")
 
 
-def expand_files(items: Sequence[str], data_dir: str) -> tuple[list[str], dict | None]:
+def expand_files(items: Sequence[str], data_dir: str, use_manifest: bool = True
+                 ) -> tuple[list[str], dict | None]:
   """(.h5ad paths, the manifest read, or None) for `config.data.files` entries (module doc).
 
   A manifest must be the only entry; a directory, glob or manifest that yields no file is a
-  DataError naming it.
+  DataError naming it. `use_manifest=False`: a folder's manifest is ignored (its .h5ad files
+  are listed) and a manifest entry is an error.
   """
   paths, manifest = [], None
   for item in items:
     where = item if os.path.exists(item) or os.path.isabs(item) or any(
         c in item for c in "*?[") else os.path.join(data_dir, item)
-    if os.path.isdir(where) and os.path.isfile(os.path.join(where, MANIFEST_NAME)):
+    if use_manifest and os.path.isdir(where) and os.path.isfile(os.path.join(where,
+                                                                           MANIFEST_NAME)):
       where = os.path.join(where, MANIFEST_NAME)
     if where.endswith(".json"):
+      if not use_manifest:
+        raise DataError(f"{item} is a manifest; list the .h5ad files, folders or globs instead.")
       if len(items) != 1:
         raise DataError(f"config.data.files lists a corpus manifest ({item}) and other entries; a "
                         "manifest must be the only entry (list every file in it: `gil-jax corpus`).")
@@ -211,9 +216,12 @@ class LazyCorpusRows:
     if not mats:
       return sp.csr_matrix((0, self.n_cols), dtype=np.float32)
     stacked = sp.vstack(mats, format="csr") if len(mats) > 1 else mats[0]
-    inverse = np.empty(len(rows), np.int64)
-    inverse[order] = np.arange(len(rows))
-    return stacked[inverse] if len(mats) > 1 else stacked
+    if len(mats) > 1:
+      inverse = np.empty(len(rows), np.int64)
+      inverse[order] = np.arange(len(rows))
+      stacked = stacked[inverse]
+    stacked.sort_indices()  # union-gene order within a row, as the eager `concat`
+    return stacked
 
   def _mapped(self, per_part) -> np.ndarray:
     out = np.zeros(self.n_cols, np.float64)

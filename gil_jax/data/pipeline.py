@@ -1,4 +1,4 @@
-"""Large data: a lazy (row-on-demand) `.h5ad` reader and a host-side prefetching batch pipeline.
+"""Large data: a lazy (row-on-demand) `.h5ad` reader.
 
 * ``open_lazy_h5ad(path)`` returns a ``CellData`` whose ``X`` reads only the requested rows from
   disk (the CSR ``indptr`` is read once; per batch, the rows' ``indices``/``data`` ranges).
@@ -6,17 +6,16 @@
   factors and per-gene non-zero counts come from one streaming pass in chunks, so memory is
   O(chunk + cells), not O(file); only the obs columns asked for are read. Plan 'expressed' streams
   once more for the gene means (``anndata_io.gene_means``). ``batching.make_batch`` works on it
-  unchanged. Training uses it with ``--config.data.lazy=True`` (one file, see
-  ``experiment.load_data``).
-* ``batching.stage_batches(..., shard, n_shards)`` yields this process's part of every global batch: the epoch order and the
-  step's cell chunk are the same on every process (a pure function of seed, stage, step), and
-  process ``p`` of ``P`` builds rows ``[p*B/P, (p+1)*B/P)`` only, reading only those cells. With
-  ``n_shards > 1`` each shard's random choices (gene sampling, masks) come from
-  ``default_rng([seed, stage, step, 1, shard])``, so a one-process run that builds all shards
-  and concatenates them sees exactly the multi-process global batch.
-* ``Prefetcher`` runs any (step, batch) iterator in a background thread, ``depth`` batches
-  ahead, and applies ``put`` (e.g. a sharded ``jax.device_put``) there, so host batch building
-  overlaps the device step. Order is the iterator's order, so resuming at a step is exact.
+  unchanged. Training uses it with ``--config.data.lazy=True``; several files (a corpus) are
+  stacked by ``corpus.open_corpus``. Rows close together in the file are read in one run
+  (block-shuffled batches read a few contiguous ranges). Picklable (loader worker processes).
+* ``batching.StageBatchMaker(..., shard, n_shards)`` builds this process's part of every global
+  batch: the epoch order and the step's cell chunk are the same on every process (a pure
+  function of seed, stage, step), and process ``p`` of ``P`` builds rows
+  ``[p*B/P, (p+1)*B/P)`` only, reading only those cells. With ``n_shards > 1`` each shard's
+  random choices (gene sampling, masks) come from ``default_rng([seed, stage, step, 1, shard])``,
+  so a one-process run that builds all shards and concatenates them sees exactly the
+  multi-process global batch. The training loader (``loader.py``, grain) builds them ahead.
 """
 
 from __future__ import annotations
@@ -24,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
-import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -356,61 +353,3 @@ def _lazy_cell_data(X: LazyCSRRows, name: str, source: str, what: str, gene_colu
   return CellData(name=name, X=X, gene_ids=genes.astype(str), obs=obs, panel=panel,
                   dataset_index=dataset_index, dataset_names=list(names), is_counts=is_counts,
                   size_factors=np.maximum(totals / 1e4, MIN_SIZE_FACTOR).astype(np.float32))
-
-
-class Prefetcher:
-  """Iterates `source` in a background thread, `depth` items ahead, applying `put` there.
-
-  Exceptions in the producer are re-raised in the consumer. Use as an iterator; `close()` (or
-  leaving a `with` block) stops the thread early.
-  """
-
-  _END = object()
-
-  def __init__(self, source: Iterator[Any], put: Callable[[Any], Any] | None = None,
-               depth: int = 2):
-    self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    self._stop = threading.Event()
-    self._put = put or (lambda x: x)
-    self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
-    self._thread.start()
-
-  def _offer(self, item) -> bool:
-    """Blocks until `item` is queued (True) or close() was called (False)."""
-    while not self._stop.is_set():
-      try:
-        self._q.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _run(self, source):
-    try:
-      for item in source:
-        if self._stop.is_set() or not self._offer(self._put(item)):
-          return
-      self._offer(self._END)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer
-      self._offer(e)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    item = self._q.get()
-    if item is self._END:
-      raise StopIteration
-    if isinstance(item, BaseException):
-      raise item
-    return item
-
-  def close(self) -> None:
-    self._stop.set()
-    self._thread.join(timeout=5)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

@@ -1,0 +1,224 @@
+"""A corpus of .h5ad shards (`data/corpus.py`) and the grain loader (`data/loader.py`).
+
+Shards are simulated into tmp_path, each on its own gene panel; no shared data needed.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from gil_jax import cli
+from gil_jax.data import anndata_io, batching, corpus, loader, simulate
+from gil_jax.data.anndata_io import DataError
+from gil_jax.tasks import gil
+from tests.helpers import tiny_config
+
+SIM = simulate.SimConfig(n_cells=90, n_genes=120, n_cell_types=3, n_modules=6, n_batches=2,
+                         seed=4)
+FIELDS = ("gene_ids", "values", "targets", "counts", "token_mask", "pred_mask", "cell_mask",
+          "size_factors")
+
+
+def _write_shards(folder, n=3) -> list[str]:
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for s in range(n):
+    path = os.path.join(folder, f"shard{s}.h5ad")
+    simulate.simulate_shard(SIM, s, simulate.shard_panel(SIM, s)).write_h5ad(path)
+    paths.append(path)
+  return paths
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("corpus"))
+  paths = _write_shards(folder)
+  corpus.write_manifest(paths, os.path.join(folder, corpus.MANIFEST_NAME), progress=False)
+  return folder, paths
+
+
+def _open(folder: str):
+  files, manifest = corpus.expand_files([folder], ".")
+  return corpus.open_corpus(files, manifest=manifest, progress=False)
+
+
+def _assert_same_batch(a, b):
+  for f in FIELDS:
+    np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+
+
+def test_shards_have_their_own_panels(shards):
+  _, paths = shards
+  panels = [set(anndata_io.read_h5ad(p).gene_ids) for p in paths]
+  assert len({frozenset(p) for p in panels}) == 3 and all(len(p) < SIM.n_genes for p in panels)
+
+
+@pytest.mark.parametrize("with_manifest", [False, True])
+def test_corpus_gives_the_batches_of_the_same_cells_loaded_eagerly(shards, with_manifest):
+  folder, paths = shards
+  files, manifest = corpus.expand_files([folder if with_manifest else os.path.join(
+      folder, "*.h5ad")], ".")
+  assert (manifest is not None) == with_manifest and files == paths
+  lazy = corpus.open_corpus(files, manifest=manifest, progress=False)
+  eager = anndata_io.concat([anndata_io.read_h5ad(p) for p in paths], name="eager")
+  assert not sp.issparse(lazy.X) and lazy.X.shape == eager.X.shape
+  np.testing.assert_array_equal(lazy.gene_ids, eager.gene_ids)
+  np.testing.assert_array_equal(lazy.panel, eager.panel)       # not measured stays not measured
+  assert not lazy.panel.all(axis=1).any()
+  np.testing.assert_array_equal(lazy.dataset_index, eager.dataset_index)
+  np.testing.assert_allclose(lazy.size_factors, eager.size_factors, rtol=1e-6)
+  np.testing.assert_array_equal(lazy.X.col_nnz(), anndata_io.gene_nnz(eager))
+  np.testing.assert_allclose(lazy.X.col_means(), anndata_io.gene_means(eager), rtol=1e-5)
+  c2r = np.arange(1, lazy.n_genes + 1, dtype=np.int32)
+  spec = batching.BatchSpec(batch_size=16, n_tokens=24)
+  cells = np.arange(lazy.n_cells)
+  mk = [batching.StageBatchMaker(d, cells, c2r, spec, 1, 0, block=4) for d in (lazy, eager)]
+  for step in (0, 5, 17):  # 17: the second epoch
+    _assert_same_batch(mk[0](step)[1], mk[1](step)[1])
+
+
+def test_block_shuffle_keeps_runs_of_consecutive_cells():
+  order = batching.epoch_order(np.arange(40), 0, 0, 0, block=8)
+  assert sorted(order) == list(range(40))
+  runs = order.reshape(5, 8)
+  assert (np.diff(runs, axis=1) == 1).all() and not (np.diff(runs[:, 0]) == 8).all()
+  np.testing.assert_array_equal(batching.epoch_order(np.arange(40), 0, 0, 0),
+                                np.random.default_rng([0, 0, 0]).permutation(40))
+
+
+def test_two_processes_read_disjoint_cells_that_cover_the_global_batch(shards, monkeypatch):
+  folder, _ = shards
+  data = _open(folder)
+  read: list[np.ndarray] = []
+  get = corpus.LazyCorpusRows.__getitem__
+  monkeypatch.setattr(corpus.LazyCorpusRows, "__getitem__",
+                      lambda self, rows: read.append(np.asarray(rows)) or get(self, rows))
+  c2r = np.arange(1, data.n_genes + 1, dtype=np.int32)
+  spec = batching.BatchSpec(batch_size=16, n_tokens=24)
+  cells = np.arange(data.n_cells)
+  whole = batching.epoch_order(cells, 2, 1, 0, block=4)
+  for step in (0, 3):
+    seen = []
+    for shard in (0, 1):
+      read.clear()
+      batching.StageBatchMaker(data, cells, c2r, spec, 2, 1, shard=shard, n_shards=2,
+                               block=4)(step)
+      seen.append(np.concatenate(read))
+    assert not set(seen[0]) & set(seen[1])
+    np.testing.assert_array_equal(np.concatenate(seen), whole[step * 16:(step + 1) * 16])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_gives_the_steps_batches_in_order_for_any_worker_count(shards, workers):
+  folder, _ = shards
+  data = _open(folder)
+  make = batching.StageBatchMaker(data, np.arange(data.n_cells),
+                                  np.arange(1, data.n_genes + 1, dtype=np.int32),
+                                  batching.BatchSpec(batch_size=8, n_tokens=16), 0, 0, block=2)
+  with loader.StepIterator(make, 3, 10, workers=workers, group=4,
+                           post=lambda sb: (sb[0] * 10, sb[1])) as it:
+    got = list(it)
+  assert [s for s, _ in got] == [10 * s for s in range(3, 13)]   # a resume at step 3
+  for s, b in got:
+    _assert_same_batch(b, make(s // 10)[1])
+
+
+def test_loader_reraises_a_batch_error():
+  def make(step):
+    if step == 2:
+      raise DataError("bad batch")
+    return step
+  with loader.StepIterator(make, 0, 5) as it:
+    assert next(it) == 0 and next(it) == 1
+    with pytest.raises(DataError, match="bad batch"):
+      list(it)
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_manifest_refuses_a_changed_or_missing_file(tmp_path):
+  paths = _write_shards(tmp_path / "c")
+  corpus.write_manifest(paths, str(tmp_path / "c" / "manifest.json"), progress=False)
+  a = anndata_io.read_h5ad(paths[1]).to_anndata()
+  a.X = a.X * 2
+  a.write_h5ad(paths[1])
+  with pytest.raises(DataError, match=r"shard1.h5ad changed since the manifest.*gil-jax corpus"):
+    corpus.expand_files([str(tmp_path / "c")], ".")
+  os.remove(paths[1])
+  with pytest.raises(DataError, match=r"shard1.h5ad .*is missing"):
+    corpus.expand_files([str(tmp_path / "c")], ".")
+
+
+def _bad_shard(folder, kind: str) -> str:
+  a = simulate.simulate_shard(SIM, 0, simulate.shard_panel(SIM, 0))
+  if kind in ("nan", "negative"):
+    a.X.data[5] = np.nan if kind == "nan" else -1.0
+  elif kind == "duplicate genes":
+    names = list(a.var_names)
+    names[1] = names[0]
+    a.var_names = names
+  elif kind == "csc":
+    a.X = sp.csc_matrix(a.X)
+  path = os.path.join(folder, f"bad_{kind.replace(' ', '_')}.h5ad")
+  a.write_h5ad(path)
+  if kind == "truncated":
+    shutil.copy(_write_shards(os.path.join(folder, "ok"), 1)[0], path)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("nan", "NaN/inf values"), ("negative", "negative values"),
+    ("duplicate genes", "duplicate gene ids"), ("csc", "not as a CSR matrix"),
+    ("truncated", "cannot read h5ad file")])
+def test_a_bad_shard_is_named_in_a_one_line_error(tmp_path, capsys, kind, message):
+  good = _write_shards(tmp_path / "c", 2)
+  bad = _bad_shard(str(tmp_path / "c"), kind)
+  assert cli.main(["corpus", str(tmp_path / "c"), "--quiet"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message in err and os.path.basename(bad) in err
+  assert not os.path.exists(tmp_path / "c" / "manifest.json")
+  assert good
+
+
+def test_file_entries_are_checked(tmp_path):
+  with pytest.raises(DataError, match="matches no file"):
+    corpus.expand_files([str(tmp_path / "*.h5ad")], ".")
+  with pytest.raises(DataError, match="holds no .h5ad file"):
+    corpus.expand_files([str(tmp_path)], ".")
+  (tmp_path / "m.json").write_text(json.dumps({"format": "other"}))
+  with pytest.raises(DataError, match="not a gil_jax corpus manifest"):
+    corpus.expand_files([str(tmp_path / "m.json")], ".")
+
+
+# ------------------------------------------------------------------ training from a corpus
+
+def _corpus_config(folder: str):
+  c = tiny_config(**{"data.source": "h5ad", "data.files": (folder,), "data.lazy": True,
+                     "data.shuffle_block": 4, "stages.plan": "dataset_stream",
+                     "stages.base_stage": False, "train.steps_per_stage": 6,
+                     "genes.capacity": 128, "mesh.data": 1})
+  c.stages.order = ("shard0", "shard1", "shard2")
+  return c
+
+
+def test_dataset_stream_on_a_corpus_interrupted_and_resumed_matches_uninterrupted(shards,
+                                                                                  tmp_path):
+  folder, _ = shards
+  config = _corpus_config(folder)
+  full = gil.train_and_evaluate(config, str(tmp_path / "full"), progress_bar=False)
+  part = str(tmp_path / "part")
+  gil.train_and_evaluate(config, part, stop_after_steps=9, progress_bar=False)  # mid stage 1
+  assert not os.path.exists(os.path.join(part, "results.json"))
+  resumed = gil.train_and_evaluate(config, part, progress_bar=False)
+  assert len(full["stages"]) == 3
+  np.testing.assert_allclose(np.array(resumed["gene_regression"]["matrix"], dtype=float),
+                             np.array(full["gene_regression"]["matrix"], dtype=float),
+                             rtol=1e-5, equal_nan=True)
+  assert [s["final_train_loss"] for s in resumed["stages"]] == pytest.approx(
+      [s["final_train_loss"] for s in full["stages"]], rel=1e-5)
