@@ -77,7 +77,12 @@ def expand_files(items: Sequence[str], data_dir: str, use_manifest: bool = True
         raise DataError(f"the pattern {item!r} (config.data.files) matches no file.")
       paths += found
     else:
-      paths.append(resolve_path(item, data_dir))
+      path = resolve_path(item, data_dir)
+      if not os.path.exists(path):
+        raise DataError(f"{item!r} (config.data.files) was not found: not a file or folder "
+                        f"here ({os.getcwd()}) nor {path!r} under config.data.data_dir; give an "
+                        ".h5ad file, a folder of them, a glob or a corpus manifest.")
+      paths.append(path)
   dup = sorted({p for p in paths if paths.count(p) > 1})
   if dup:
     raise DataError(f"config.data.files names {dup} more than once; list every file once.")
