@@ -222,3 +222,25 @@ def test_dataset_stream_on_a_corpus_interrupted_and_resumed_matches_uninterrupte
                              rtol=1e-5, equal_nan=True)
   assert [s["final_train_loss"] for s in resumed["stages"]] == pytest.approx(
       [s["final_train_loss"] for s in full["stages"]], rel=1e-5)
+
+
+@pytest.mark.parametrize("plan", ["random", "expressed", "dataset_stream"])
+def test_stage_plans_on_a_corpus_equal_those_on_the_same_cells_in_memory(shards, plan):
+  from gil_jax import experiment  # noqa: PLC0415
+  folder, _ = shards
+  plans = []
+  for lazy in (True, False):
+    c = _corpus_config(folder)
+    c.data.lazy, c.stages.plan, c.stages.order = lazy, plan, ()
+    if plan == "expressed":
+      c.stages.obs_column, c.stages.order = "batch", ("batch0", "batch1")
+    data = experiment.load_data(c)
+    assert sp.issparse(data.X) != lazy
+    plans.append(experiment.build_plan(c, data))
+  a, b = plans
+  np.testing.assert_array_equal(a.eval_cells, b.eval_cells)
+  assert len(a.stages) == len(b.stages) >= 2
+  for x, y in zip(a.stages, b.stages):
+    assert list(x.train_genes) == list(y.train_genes) and list(x.new_genes) == list(y.new_genes)
+    assert list(x.eval_genes) == list(y.eval_genes)
+    np.testing.assert_array_equal(x.train_cells, y.train_cells)
