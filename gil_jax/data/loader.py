@@ -76,13 +76,15 @@ class StepIterator:
     return self
 
   def __next__(self):
+    if self._it is None:
+      raise StopIteration
     return next(self._it)
 
   def close(self) -> None:
     """Stops the threads and worker processes (also done when garbage-collected)."""
-    close = getattr(self._it, "close", None)
-    if close is not None:
-      close()
+    if self._it is not None:
+      self._it.close()
+      self._it = None  # freed now, not at interpreter exit (grain's __del__ fails there)
 
   def __enter__(self):
     return self
