@@ -91,8 +91,9 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.data.gene_column = ""           # '' = var_names
   c.data.label_column = ""
   c.data.batch_column = ""
-  # Read the .h5ad files row by row from disk instead of into memory (corpora larger than RAM;
-  # X / the layer must be CSR); same results as eager reading (gil_jax/data/corpus.py).
+  # Read the .h5ad files (annotation: the canal.sources files) row by row from disk instead of
+  # into memory (corpora larger than RAM; X / the layer must be CSR); same results as eager
+  # reading (gil_jax/data/corpus.py).
   c.data.lazy = False
   # Training batches are built by the grain pipeline (gil_jax/data/loader.py): 0 = in one
   # background thread, W > 0 = in W worker processes. Never changes a batch.

@@ -244,3 +244,28 @@ def test_stage_plans_on_a_corpus_equal_those_on_the_same_cells_in_memory(shards,
     assert list(x.train_genes) == list(y.train_genes) and list(x.new_genes) == list(y.new_genes)
     assert list(x.eval_genes) == list(y.eval_genes)
     np.testing.assert_array_equal(x.train_cells, y.train_cells)
+
+
+def _drop_timings(tree):
+  if isinstance(tree, dict):
+    return {k: _drop_timings(v) for k, v in tree.items()
+            if k not in ("seconds", "first_step_seconds", "cells_per_s")}
+  if isinstance(tree, list):
+    return [_drop_timings(v) for v in tree]
+  return tree
+
+
+def test_annotation_from_lazily_read_sources_equals_in_memory(tmp_path):
+  from gil_jax.tasks import annotation  # noqa: PLC0415
+  from tests.helpers import sim_h5ad, tiny_canal_config  # noqa: PLC0415
+  path, _ = sim_h5ad(tmp_path, n_batches=3)
+  results = []
+  for lazy in (False, True):
+    c = tiny_canal_config(path)
+    c.data.lazy = lazy
+    results.append(annotation.train_annotation(c, str(tmp_path / f"w{lazy}"),
+                                               progress_bar=False))
+  assert _drop_timings(results[0]) == _drop_timings(results[1])
+  c.canal.gene_panel = path
+  with pytest.raises(DataError, match="gene_panel needs the sources in memory"):
+    annotation.train_annotation(c, str(tmp_path / "panel"), progress_bar=False)

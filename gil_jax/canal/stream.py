@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from sklearn.model_selection import train_test_split
 
 from gil_jax.canal import labels as labels_lib
-from gil_jax.data import anndata_io
+from gil_jax.data import anndata_io, pipeline
 from gil_jax.data.anndata_io import CellData, DataError
 from gil_jax.data.corpus import resolve_path
 from gil_jax.experiment import as_names
@@ -64,6 +64,9 @@ def normalise_values(data: CellData, how: str, source: str) -> CellData:
   if how == "log1p_cp10k" and not data.is_counts:
     log.warning("source %s: log1p_cp10k on non-integer values; set normalisation='none' for "
                 "pre-normalised files", source)
+  if not sp.issparse(data.X):  # lazily read: normalised as rows are read, same arithmetic
+    data.X.normalise_on_read(how, data.size_factors)
+    return data
   x = data.X.copy().tocsr()
   if how == "log1p_cp10k":
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
@@ -77,9 +80,14 @@ def read_source(name: str, src: ml_collections.ConfigDict, config: ml_collection
                 label_map: dict, drop: set[str]) -> tuple[CellData, np.ndarray]:
   """One source as (normalised CellData, harmonised labels); bad labels raise clear errors."""
   path = resolve_path(src.file, config.data.data_dir)
-  data = anndata_io.read_h5ad(path, layer=src.get("layer", "") or None,
-                              gene_column=src.get("gene_column", "") or None, name=name)
   col = src.get("label_column", "") or config.data.label_column
+  layer, gene_column = src.get("layer", "") or None, src.get("gene_column", "") or None
+  if config.data.lazy:  # rows stay on disk; only the label and split columns are read
+    data = pipeline.open_lazy_h5ad(path, name=name, layer=layer, gene_column=gene_column,
+                                   obs_columns=[c for c in (col, src.get("split_column", ""))
+                                                if c])
+  else:
+    data = anndata_io.read_h5ad(path, layer=layer, gene_column=gene_column, name=name)
   if not col or col not in data.obs.columns:
     raise DataError(f"source {name!r} ({path}): label column {col!r} not found in obs (columns: "
                     f"{list(data.obs.columns)}). Set config.canal.sources.{name}.label_column "
@@ -126,6 +134,9 @@ def panel_genes(panel: str) -> list[str]:
 def restrict_to_panel(data: CellData, panel: str, min_genes: int) -> CellData:
   """`data` on the genes of `panel` only (e.g. the genes a query study measures, so that the
   model learns from the genes it will see, as a baseline fitted on the shared genes does)."""
+  if not sp.issparse(data.X):
+    raise DataError("config.canal.gene_panel needs the sources in memory; set "
+                    "--config.data.lazy=False (or drop the gene panel).")
   keep = np.isin(data.gene_ids, np.asarray(panel_genes(panel), dtype=str))
   if keep.sum() < min_genes:
     raise DataError(f"config.canal.gene_panel {panel!r} shares {int(keep.sum())} genes with the "

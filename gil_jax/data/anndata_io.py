@@ -7,6 +7,7 @@ after several datasets are concatenated on the union of their genes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -55,8 +56,9 @@ class CellData:
     cells = np.asarray(cells)
     if cells.dtype == bool:
       cells = np.flatnonzero(cells)
+    X = self.X[cells] if sp.issparse(self.X) else _lazy_subset(self.X, cells)
     return dataclasses.replace(
-        self, X=self.X[cells], obs=self.obs.iloc[cells].copy(),
+        self, X=X, obs=self.obs.iloc[cells].copy(),
         dataset_index=self.dataset_index[cells], size_factors=self.size_factors[cells])
 
   def select_genes(self, keep: np.ndarray) -> "CellData":
@@ -289,6 +291,21 @@ def from_anndata(adata: ad.AnnData, *, layer: str | None = None, gene_column: st
       name=name, X=m, gene_ids=genes, obs=obs, panel=panel, dataset_index=dataset_index,
       dataset_names=list(names), is_counts=is_counts,
       size_factors=np.maximum(totals / 1e4, MIN_SIZE_FACTOR).astype(np.float32))
+
+
+def _lazy_subset(X, cells: np.ndarray):
+  """A lazy X (`pipeline.LazyCSRRows`) restricted to `cells`, in increasing order: the rows
+  stay on disk (a copy of the reader with fewer rows; the original is unchanged)."""
+  if not hasattr(X, "select"):
+    raise DataError("this lazily read dataset cannot be subset; read it into memory "
+                    "(config.data.lazy=False).")
+  if np.any(np.diff(cells) <= 0):
+    raise DataError("a lazily read dataset can only be subset to cells in increasing order.")
+  keep = np.zeros(X.shape[0], bool)
+  keep[cells] = True
+  out = copy.copy(X)
+  out.select(keep)  # (drops the cached column statistics: they were of the other rows)
+  return out
 
 
 def concat(datas: Sequence[CellData], name: str) -> CellData:

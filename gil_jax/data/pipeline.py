@@ -92,6 +92,8 @@ class LazyCSRRows:
     self._col_means: np.ndarray | None = None
     self._col_nnz: np.ndarray | None = None
     self.col_sums: np.ndarray | None = None  # float64[genes], set by open_lazy_h5ad's scan
+    # values returned by row reads: as stored ('none'), or normalised on read (`normalise_on_read`)
+    self.normalisation, self._file_size_factors = "none", None
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -144,7 +146,21 @@ class LazyCSRRows:
                       shape=(len(rows), self.n_cols))
     m.sum_duplicates()
     m.eliminate_zeros()
+    if self.normalisation != "none":  # the arithmetic of the in-memory normalisation
+      if self.normalisation == "log1p_cp10k":
+        per_entry = np.repeat(self._file_size_factors[rows], np.diff(m.indptr))
+        m.data = np.log1p(m.data / per_entry).astype(np.float32)
+      else:
+        m.data = np.log1p(m.data).astype(np.float32)
     return m
+
+  def normalise_on_read(self, how: str, size_factors: np.ndarray) -> None:
+    """Row reads return log1p(x / size factor) ('log1p_cp10k') or log1p(x) ('log1p') from now
+    on; `size_factors` are those of the current rows. Column statistics stay on stored values."""
+    rows = np.arange(len(self.indptr) - 1) if self._rows is None else self._rows
+    self._file_size_factors = np.ones(len(self.indptr) - 1, np.float32)
+    self._file_size_factors[rows] = size_factors
+    self.normalisation = how
 
   MERGE_GAP = 1 << 14  # stored entries: rows closer than this in the file are read in one run
 
