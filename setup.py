@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.8",
         "scikit-learn>=1.4",
         "h5py>=3.10",
+        "grain>=0.2.12",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
     entry_points={"console_scripts": ["gil-jax=gil_jax.cli:main"]},
