@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 
+from gil_jax.data import simulate as simulate_mod
 from gil_jax.data.simulate import SimConfig, gene_modules, simulate, simulate_cell_data
 
 SMALL = SimConfig(n_cells=1500, n_genes=200, n_modules=10, seed=3)
@@ -50,3 +51,13 @@ def test_fast():
   t = time.perf_counter()
   simulate_cell_data(SimConfig(n_cells=6000, n_genes=600))
   assert time.perf_counter() - t < 2.0
+
+
+def test_true_means_are_the_means_of_the_simulated_counts():
+  cfg = SimConfig(n_cells=400, n_genes=50, n_modules=5, seed=2)
+  mu = simulate_mod.true_means(cfg)
+  counts = simulate_mod._counts(cfg)[0]
+  assert mu.shape == counts.shape and (mu > 0).all()
+  # per gene, the average count matches the average mean (NB noise averages out over cells)
+  np.testing.assert_allclose(counts.mean(0), mu.mean(0), rtol=0.25, atol=0.05)
+  assert np.corrcoef(np.log1p(counts).ravel(), np.log1p(mu).ravel())[0, 1] > 0.5

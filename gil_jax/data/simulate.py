@@ -86,10 +86,9 @@ def _latents(cfg: SimConfig) -> dict[str, np.ndarray]:
   )
 
 
-def _counts(cfg: SimConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(counts float32[cells, genes], cell_type, batch, dataset) for all cells."""
+def _means(cfg: SimConfig, rng: np.random.Generator):
+  """(NB means float32[cells, genes], cell_type, batch, dataset): the draws before the counts."""
   lat = _latents(cfg)
-  rng = np.random.default_rng([cfg.seed, 11])
   c = cfg.n_cells
   cell_type = rng.choice(cfg.n_cell_types, size=c, p=lat["type_p"])
   batch = rng.integers(0, cfg.n_batches, c)
@@ -99,7 +98,20 @@ def _counts(cfg: SimConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
   lib = rng.normal(cfg.lib_log_mean, cfg.lib_log_sd, c)
   log_mu = (lat["base"][None, :] + lat["loading"][None, :] * activity[:, lat["module"]]
             + lat["batch_shift"][batch] + lib[:, None])
-  mu = np.exp(log_mu.astype(np.float32))
+  return np.exp(log_mu.astype(np.float32)), cell_type, batch, dataset
+
+
+def true_means(cfg: SimConfig) -> np.ndarray:
+  """float32[cells, genes]: the negative-binomial mean of every simulated count (cells in
+  simulation order, `cell{i}`), for noise-floor analyses: no predictor of the counts can beat
+  knowing it."""
+  return _means(cfg, np.random.default_rng([cfg.seed, 11]))[0]
+
+
+def _counts(cfg: SimConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(counts float32[cells, genes], cell_type, batch, dataset) for all cells."""
+  rng = np.random.default_rng([cfg.seed, 11])
+  mu, cell_type, batch, dataset = _means(cfg, rng)
   shape = np.float32(1.0 / cfg.dispersion)
   lam = rng.standard_gamma(shape, size=mu.shape, dtype=np.float32) * (mu / shape)
   counts = rng.poisson(lam).astype(np.float32)
