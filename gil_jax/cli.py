@@ -25,6 +25,7 @@ def define_train_flags(fv, argv: list[str] | None = None) -> None:
   sys.argv)."""
   from absl import flags
   from ml_collections import config_flags
+  _add_config_package(sys.argv if argv is None else argv)
   config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()); "
                                   "override fields with --config.a.b=value.", flag_values=fv,
                                   lock_config=True, sys_argv=argv)
@@ -37,6 +38,22 @@ def define_train_flags(fv, argv: list[str] | None = None) -> None:
                        "(default: $GIL_NUM_PROCESSES or 1).", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "Multi-process: this process's index "
                        "(default: $GIL_PROCESS_ID or 0).", flag_values=fv)
+
+
+def _add_config_package(argv: list[str]) -> None:
+  """Lets a config file import its siblings (`from configs import canal_pancreas`) from any
+  entry point: the folder above a config package (a folder with `__init__.py`) goes on
+  sys.path, as `python launch.py` from the repository root has it."""
+  import os
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  if not path or not os.path.isfile(path):
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  root = os.path.dirname(folder) if os.path.isfile(os.path.join(folder, "__init__.py")) else folder
+  if root not in sys.path:
+    sys.path.insert(0, root)
 
 
 def parse_flags(fv, argv: list[str], prog: str = "") -> list[str]:

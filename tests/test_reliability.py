@@ -484,3 +484,20 @@ def test_no_held_out_cells_warns(tmp_path, monkeypatch, caplog):
     gil.train_and_evaluate(tiny_config(**TINY, **{"stages.eval_fraction": 0.0}),
                             str(tmp_path / "w"), progress_bar=False)
   assert "no held-out cells" in caplog.text and "eval_fraction > 0" in caplog.text
+
+
+def test_gil_jax_train_config_can_import_its_sibling_configs(tmp_path, capsys):
+  """`gil-jax train --config pkg/b.py` where b.py imports `pkg.a`, from a folder not on
+  sys.path (as the README's `gil-jax train --config configs/canal_novelty.py` does)."""
+  from gil_jax import cli
+  pkg = tmp_path / "mycfgs_for_test"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "a.py").write_text("from tests.helpers import tiny_config\n\n\ndef get_config():\n"
+                            "  return tiny_config()\n")
+  (pkg / "b.py").write_text("from mycfgs_for_test import a\n\n\ndef get_config():\n"
+                            "  c = a.get_config()\n  c.stages.n_stages = 0\n  return c\n")
+  rc = cli.main(["train", "--config", str(pkg / "b.py"), "--workdir", str(tmp_path / "w"),
+                 "--quiet"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "n_stages" in err and "No module named" not in err, err
