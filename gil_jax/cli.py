@@ -40,14 +40,20 @@ def define_train_flags(fv, argv: list[str] | None = None) -> None:
                        "(default: $GIL_PROCESS_ID or 0).", flag_values=fv)
 
 
+def _config_path(argv: list[str]) -> str | None:
+  """The --config file named on a command line (`--config=F` or `--config F`), or None."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  return path
+
+
 def _add_config_package(argv: list[str]) -> None:
   """Lets a config file import its siblings (`from configs import canal_pancreas`) from any
   entry point: the folder above a config package (a folder with `__init__.py`) goes on
   sys.path, as `python launch.py` from the repository root has it."""
   import os
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is None and "--config" in argv[:-1]:
-    path = argv[argv.index("--config") + 1]
+  path = _config_path(argv)
   if not path or not os.path.isfile(path):
     return
   folder = os.path.dirname(os.path.abspath(path))
@@ -70,9 +76,7 @@ def parse_flags(fv, argv: list[str], prog: str = "") -> list[str]:
     if os.environ.get("GIL_TRACEBACK"):
       raise
     msg = guards.one_line(e)
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None and "--config" in argv[:-1]:
-      path = argv[argv.index("--config") + 1]
+    path = _config_path(argv)
     if path and not os.path.isfile(path):
       msg = f"config file not found: {path!r}"
     elif path:

@@ -289,20 +289,20 @@ class StageBatchMaker:
     if self.spec.batch_size % self.n_shards:
       raise DataError(f"batch_size {self.spec.batch_size} is not divisible by {self.n_shards} "
                       "processes (config.batch.batch_size)")
+    self._local_spec = dataclasses.replace(self.spec,
+                                           batch_size=self.spec.batch_size // self.n_shards)
     self.cells = np.asarray(self.cells, np.int64)
     if len(self.cells) == 0:
       raise DataError(f"stage {self.stage_index} has no training cells; check the stage plan.")
 
   def __call__(self, step: int) -> tuple[int, Batch]:
-    B = self.spec.batch_size
-    local = B // self.n_shards
+    B, local = self.spec.batch_size, self._local_spec.batch_size
     e, j = divmod(int(step), steps_per_epoch(len(self.cells), B))
     if self._order[0] != e:
       self._order = (e, epoch_order(self.cells, self.seed, self.stage_index, e, self.block))
     chunk = self._order[1][j * B:(j + 1) * B][self.shard * local:(self.shard + 1) * local]
     key = [self.seed, self.stage_index, int(step), 1] + ([self.shard] if self.n_shards > 1 else [])
-    return int(step), make_batch(self.data, chunk, self.columns_to_rows,
-                                 dataclasses.replace(self.spec, batch_size=local),
+    return int(step), make_batch(self.data, chunk, self.columns_to_rows, self._local_spec,
                                  np.random.default_rng(key), labels=self.labels)
 
 

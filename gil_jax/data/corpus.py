@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
@@ -83,7 +84,7 @@ def expand_files(items: Sequence[str], data_dir: str, use_manifest: bool = True
                         f"here ({os.getcwd()}) nor {path!r} under config.data.data_dir; give an "
                         ".h5ad file, a folder of them, a glob or a corpus manifest.")
       paths.append(path)
-  dup = sorted({p for p in paths if paths.count(p) > 1})
+  dup = sorted(p for p, n in collections.Counter(paths).items() if n > 1)
   if dup:
     raise DataError(f"config.data.files names {dup} more than once; list every file once.")
   return paths, manifest
@@ -131,8 +132,7 @@ def write_manifest(paths: Sequence[str], out: str, *, layer: str | None = None,
                   "checksum": _file_hash(path)})
     arrays.update({f"{i}/row_sums": scan.row_sums, f"{i}/col_nnz": scan.col_nnz,
                    f"{i}/col_sums": scan.col_sums})
-  names = [f["name"] for f in files]
-  dup = sorted({n for n in names if names.count(n) > 1})
+  dup = sorted(n for n, k in collections.Counter(f["name"] for f in files).items() if k > 1)
   if dup:
     raise DataError(f"the corpus has several files named {dup} (file names must be unique).")
   stats_path = _stats_path(out)
@@ -232,7 +232,7 @@ class LazyCorpusRows:
   def _mapped(self, per_part) -> np.ndarray:
     out = np.zeros(self.n_cols, np.float64)
     for cols, v in zip(self.col_maps, per_part):
-      np.add.at(out, cols, v)
+      out[cols] += v  # a file's columns map to distinct union columns
     return out
 
   def col_nnz(self) -> np.ndarray:

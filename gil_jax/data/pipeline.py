@@ -59,10 +59,7 @@ class LazyCSRRows:
 
   def __init__(self, path: str, key: str = "X", chunk_nnz: int = 1 << 22):
     self.path, self.key, self.chunk_nnz = path, key, int(chunk_nnz)
-    try:
-      self._file = h5py.File(path, "r")
-    except OSError as e:
-      raise unreadable_file_error(path, e) from e
+    self._file = self._open()
     g = self._file.get(key)
     if g is None:
       layers = sorted(self._file["layers"].keys()) if "layers" in self._file else []
@@ -162,6 +159,12 @@ class LazyCSRRows:
     self._file_size_factors[rows] = size_factors
     self.normalisation = how
 
+  def _open(self) -> h5py.File:
+    try:
+      return h5py.File(self.path, "r")
+    except OSError as e:
+      raise unreadable_file_error(self.path, e) from e
+
   MERGE_GAP = 1 << 14  # stored entries: rows closer than this in the file are read in one run
 
   def __getstate__(self) -> dict:
@@ -173,10 +176,7 @@ class LazyCSRRows:
 
   def __setstate__(self, state: dict) -> None:
     self.__dict__.update(state)
-    try:
-      self._file = h5py.File(self.path, "r")
-    except OSError as e:
-      raise unreadable_file_error(self.path, e) from e
+    self._file = self._open()
     g = self._file[self.key]
     self._data, self._indices = g["data"], g["indices"]
 
