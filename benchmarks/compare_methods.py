@@ -131,11 +131,57 @@ def summarise(per_run: dict[str, list[dict]]) -> dict:
         "ratio_final_row": {n: stat(np.array([_ratio(r, len(names) - 1, j) for r in runs]))
                             for j, n in enumerate(names[:-1])},
     }
+    if all("gene_classification" in r for r in runs):
+      out[method]["classification"] = classification_summary(runs, stat)
   return out
 
 
-def _pm(s: dict) -> str:
-  return f"{s['mean']:.4f} ± {s['std']:.4f}"
+def classification_summary(runs: list[dict], stat) -> dict:
+  """Gene-based classification over seeds: last-row accuracy % per downstream dataset (probe,
+  paper and honest numbers, and the logistic-regression baseline on the same genes and splits)
+  and the probe's Δ per dataset (after the last stage − right after the stage that learned it)."""
+  blk = runs[0]["gene_classification"]
+  out: dict = {"datasets": blk["datasets"]}
+  for key in ("matrix", "matrix_honest", "baseline_logistic_regression"):
+    if not all(key in r["gene_classification"] for r in runs):
+      continue
+    last = np.array([[np.nan if v is None else v for v in r["gene_classification"][key][-1]]
+                     for r in runs], float)
+    out[key] = {d: stat(last[:, j]) for j, d in enumerate(blk["datasets"])}
+  for key in ("forgetting", "forgetting_honest"):
+    per = np.array([[np.nan if v is None else v
+                     for v in r["gene_classification"][key]["per_dataset"]] for r in runs], float)
+    out[key] = {d: stat(per[:, j]) for j, d in enumerate(blk["datasets"])
+                if not np.all(np.isnan(per[:, j]))}
+  return out
+
+
+def classification_markdown(summary: dict) -> list[str]:
+  methods = [m for m in summary if "classification" in summary[m]]
+  if not methods:
+    return []
+  datasets = summary[methods[0]]["classification"]["datasets"]
+  cols = [("matrix", "probe, paper"), ("matrix_honest", "probe, honest"),
+          ("baseline_logistic_regression", "logistic regression")]
+  header = ["method (seeds)"] + [f"{d}: {label}" for d in datasets for _, label in cols] + [
+      f"Δ {d}: {label}" for d in datasets for label in ("paper", "honest")
+      if d in summary[methods[0]]["classification"].get("forgetting", {})]
+  rows = []
+  for m in methods:
+    c = summary[m]["classification"]
+    row = [f"{m} ({', '.join(map(str, summary[m]['seeds']))})"]
+    row += [_pm(c[key][d], 1) if key in c else "–" for d in datasets for key, _ in cols]
+    row += [_pm(c[key][d], 1) for d in datasets for key in ("forgetting", "forgetting_honest")
+            if d in c.get("forgetting", {})]
+    rows.append(row)
+  return ["Gene-based classification after the last stage (test accuracy %, mean ± s.d. over "
+          "seeds; each seed's figure is the mean of the probe's trials): the linear probe on the "
+          "frozen embeddings beside logistic regression on the values of the same genes, fitted "
+          "and scored on the same splits.", "", report.markdown_table(header, rows), ""]
+
+
+def _pm(s: dict, digits: int = 4) -> str:
+  return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
 def markdown(summary: dict, seeds: list[int], config) -> str:
@@ -168,6 +214,7 @@ def markdown(summary: dict, seeds: list[int], config) -> str:
           + [_pm(summary[m]["ratio_final_row"][n]) for n in names[:-1]] for m in methods]
   lines += ["Model MSE / best trivial predictor, per entry (genes of a stage after a stage; < 1: "
             "the model beats all three):", "", report.markdown_table(header, rows), "",
+            *classification_markdown(summary),
             significance(summary), "", "![comparison](compare.png)", ""]
   return "\n".join(lines)
 

@@ -16,7 +16,8 @@ USED = 20                   # batches only use rows 1..USED-1; rows >= USED are 
 
 VARIANTS = {
     "exceiver-softbin-mse": ("exceiver", dict(value_encoding="softbin"), "mse"),
-    "exceiver-additive-nb": ("exceiver", dict(value_encoding="additive"), "nb"),
+    "exceiver-additive-nb": ("exceiver", dict(value_encoding="additive",
+                                              gene_cell_offset=False), "nb"),
     "transformer-mvc-nb": ("transformer", dict(use_mvc=True), "nb"),
     "transformer-poisson": ("transformer", dict(use_mvc=False), "poisson"),
 }
@@ -178,6 +179,7 @@ def test_gene_params_are_exactly_the_capacity_rows(variant):
     assert v.dtype == jnp.float32, path
     assert (v.shape[0] == CAP) == is_gene_param(path), path
   expected = {("genes", "embedding")} | ({("genes", "log_theta")} if variant.endswith("nb") else set())
+  expected |= {("genes", "bias")} if make_cfg(variant)[0].get("gene_cell_offset") else set()
   assert genes == expected
   # also works on jax key paths, with or without the 'params' collection
   jax.tree_util.tree_map_with_path(

@@ -164,9 +164,12 @@ def test_classification_block_end_to_end(down_dir, tmp_path):
   n = len(results["stages"])
   assert n == 3 and block["datasets"] == ["dA", "dB"]
   assert block["stage_names"] == ["base", "dA", "dB"] and block["learned_at"] == [1, 2]
-  for key in ("matrix", "std", "matrix_honest", "std_honest"):
+  for key in ("matrix", "std", "matrix_honest", "std_honest", "baseline_logistic_regression",
+              "std_logistic_regression"):
     assert np.array(block[key], float).shape == (n, 2)
     assert all(0 <= v <= 100 for row in block[key] for v in row)
+  lr = np.array(block["baseline_logistic_regression"])
+  assert lr.min() > 40, lr  # 4 simulated cell types: chance is 25 %
   assert len(block["forgetting"]["per_dataset"]) == 2
   assert block["forgetting"]["per_dataset"][1] is None
   assert block["forgetting"]["average"] == pytest.approx(block["matrix"][2][0]
@@ -175,6 +178,7 @@ def test_classification_block_end_to_end(down_dir, tmp_path):
   assert on_disk["gene_classification"]["matrix"] == block["matrix"]
   report = open(tmp_path / "run" / "report.md").read()
   assert report.count(probe.SECTION_TITLE) == 1 and "honest" in report
+  assert "baseline: logistic regression" in report
 
 
 def test_transformer_eight_devices_match_one(down_dir):

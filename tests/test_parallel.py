@@ -34,7 +34,7 @@ def random_batch(seed=0, b=B, n=N):
 
 
 def setup(name="exceiver", likelihood="nb"):
-  cfg = tiny_config(name)
+  cfg = tiny_config(name, **{"model.gene_cell_offset": False})  # count likelihood
   model = build_model(cfg.model, CAP, likelihood)
   tx = make_optimizer(cfg.train)
   b = random_batch()

@@ -201,7 +201,7 @@ def test_tokens_of_inactive_genes_do_not_change_outputs(model):
 
 @pytest.mark.parametrize("likelihood", ["poisson", "nb"])
 def test_count_likelihoods_train(likelihood):
-  config = tiny_config(**{"train.likelihood": likelihood})
+  config = tiny_config(**{"train.likelihood": likelihood, "model.gene_cell_offset": False})
   runner, data, plan = _runner(config)
   vocab, inputs = _stage_inputs(runner, data, plan, 0, 3)
   state = runner.set_active(runner.initial_state(), vocab.active_mask(0))
@@ -232,3 +232,24 @@ def test_expressed_and_module_plans():
     mods = {module[col[g]] for g in s.new_genes}
     others = {module[col[g]] for t in plan.stages if t is not s for g in t.new_genes}
     assert mods and mods.isdisjoint(others)  # whole modules per stage
+
+
+def test_gene_levels_start_at_each_new_genes_detected_mean():
+  """begin_stage sets the offset head's level of every gene a stage introduces to its detected
+  mean over that stage's training cells, and leaves the rows of earlier stages as they were."""
+  from gil_jax.eval import regression  # noqa: PLC0415
+  config = tiny_config()
+  runner, data, plan = _runner(config)
+  state = runner.begin_stage(runner.initial_state(), 0)
+  levels0 = np.asarray(state.params["genes"]["bias"]).copy()
+  for k in (0, 1):
+    if k:
+      state = runner.begin_stage(state, 1)
+    stage, vocab = plan.stages[k], experiment.stage_vocab(plan, runner.capacity, k)
+    _, dmean = regression.gene_statistics(data, stage.train_cells, config.batch.normalisation)
+    cols = [list(data.gene_ids).index(g) for g in stage.new_genes]
+    got = np.asarray(state.params["genes"]["bias"])[vocab.rows(stage.new_genes)]
+    np.testing.assert_allclose(got, np.nan_to_num(dmean[cols]), rtol=1e-6)
+    assert (got > 0).mean() > 0.9
+  old = experiment.stage_vocab(plan, runner.capacity, 0).rows(plan.stages[0].new_genes)
+  np.testing.assert_array_equal(np.asarray(state.params["genes"]["bias"])[old], levels0[old])

@@ -14,10 +14,11 @@ CAP, B, N = 48, 32, 16
 BACKBONES = ("exceiver", "transformer")
 
 
-def tiny(name: str, encoding: str, depth_token: bool = True):
+def tiny(name: str, encoding: str, depth_token: bool = True, offset: bool = False):
+  """Without the gene + cell offset head by default: the encoder alone must carry the values."""
   cfg = model_config(name)
   cfg.update(d_model=32, n_layers=1, n_heads=2, dropout=0.0, value_encoding=encoding,
-             depth_token=depth_token)
+             depth_token=depth_token, gene_cell_offset=offset)
   if name == "exceiver":
     cfg.update(n_latents=8, ffn_mult=2)
   else:
@@ -41,9 +42,10 @@ def level_task(seed: int):
 
 
 @functools.lru_cache(maxsize=None)
-def trained_mse(name: str, encoding: str, steps: int = 60) -> tuple[float, float]:
+def trained_mse(name: str, encoding: str, steps: int = 60, offset: bool = False
+                ) -> tuple[float, float]:
   """(held-out masked MSE after `steps` Adam steps, variance of the held-out targets)."""
-  model = tiny(name, encoding)
+  model = tiny(name, encoding, offset=offset)
   ids, values, target, token, pred, sf = level_task(0)
   params = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, ids, values,
                       token, pred, False, sf)["params"]
@@ -109,3 +111,33 @@ def test_old_name_mlp_points_to_additive():
   cfg.value_encoding = "mlp"
   with pytest.raises(ValueError, match="'mlp' is now called 'additive'"):
     build_model(cfg, CAP)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_gene_cell_offset_head_starts_at_the_trivial_predictor_and_reads_values(name):
+  """At init the head's correction is 0, so 'pred' is exactly the evaluator's gene + cell offset
+  predictor with the gene levels as detected means; the correction then learns from values."""
+  from gil_jax.eval.regression import trivial_predictions  # noqa: PLC0415
+  model = tiny(name, "softbin", offset=True)
+  ids, values, target, token, pred, sf = level_task(0)
+  params = model.init({"params": jax.random.key(0)}, ids, values, token, pred, False, sf)["params"]
+  levels = np.random.default_rng(1).uniform(0.0, 3.0, CAP).astype(np.float32)
+  params = dict(params, genes=dict(params["genes"], bias=levels))
+  out = np.asarray(model.apply({"params": params}, ids, values, token, pred, False, sf)["pred"])
+
+  class HostBatch:
+    gene_ids, token_mask, pred_mask = ids, token, pred
+  HostBatch.values = values
+  expected = trivial_predictions(HostBatch, np.zeros(CAP), levels.astype(np.float64))
+  np.testing.assert_allclose(out, expected["gene_cell_offset"], rtol=1e-5, atol=1e-5)
+  shifted = np.where(pred, 0.0, values + 1.0).astype(np.float32)
+  out2 = np.asarray(model.apply({"params": params}, ids, shifted, token, pred, False, sf)["pred"])
+  np.testing.assert_allclose((out2 - out)[pred], 1.0, rtol=1e-5)  # a visible shift moves it
+  mse, var = trained_mse(name, "softbin", offset=True)
+  assert mse < 0.3 * var, (mse, var)
+
+
+def test_gene_cell_offset_needs_the_mse_likelihood():
+  cfg = model_config("exceiver")
+  with pytest.raises(ValueError, match="gene_cell_offset=False for count likelihoods"):
+    build_model(cfg, CAP, "nb")

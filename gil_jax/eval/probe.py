@@ -12,6 +12,10 @@ trained on 70% of the cells, for 3 trials. Two numbers are reported:
 Splits (and the gene sample of each cell) are fixed per trial and dataset, the same at every
 stage, so stage-to-stage differences come from the model alone.
 
+Beside them, the baseline ``logistic_regression``: scikit-learn logistic regression
+(``eval/baselines.py``: standardised, C = 1) on the cells' normalised values of the same genes
+seen so far, fitted on the same 70 % part of each trial and scored on the same test cells.
+
 Two options beyond the paper (both off by default, so the default is the paper's protocol):
 ``standardize`` z-scores each embedding dimension with the mean/std of the probe's own training
 cells (post-LN CLS outputs have a per-dimension spread ~0.05 around offsets ~0.8, which a probe
@@ -165,6 +169,23 @@ def evaluate_probe(feats: np.ndarray, labels: np.ndarray, n_classes: int, name: 
           "paper_trials": paper, "honest_trials": honest}
 
 
+def logistic_regression_accuracy(ds: Downstream, cols: np.ndarray, normalisation: str, name: str,
+                                 cfg: ProbeConfig) -> tuple[float, float]:
+  """Test accuracy % (mean, std over trials) of logistic regression on the normalised values of
+  the data columns with ``cols > 0`` (the genes seen so far), on the probe's trial splits."""
+  from gil_jax.eval.baselines import logistic_regression_baseline  # noqa: PLC0415 (sklearn)
+  x = ds.data.X[:, np.flatnonzero(cols > 0)].tocsr().astype(np.float32)
+  owner = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+  x.data = batching.normalise(x.data, ds.data.size_factors[owner], normalisation)
+  acc = []
+  for t in range(cfg.trials):
+    train, val, test = trial_splits(len(ds.labels), name, t, cfg)
+    fit = np.concatenate([train, val])
+    pred = logistic_regression_baseline(x[fit], ds.labels[fit], x[test])
+    acc.append(100.0 * float(np.mean(pred == ds.labels[test])))
+  return float(np.mean(acc)), float(np.std(acc))
+
+
 # ---------------------------------------------------------------- embeddings of a frozen model
 
 def _context(runner) -> dict[str, Any]:
@@ -227,15 +248,21 @@ def report_section(block: dict[str, Any]) -> str:
            "std over trials. *paper* = best of the test evaluations (as the reference code); "
            "*honest* = evaluation chosen on a validation split. Δ = accuracy after the last stage "
            "− right after the stage that learned the dataset's crucial genes.", ""]
-  for kind in ("paper", "honest"):
-    mat, std = block["matrix" if kind == "paper" else "matrix_honest"], block[
-        "std" if kind == "paper" else "std_honest"]
+  for kind in ("paper", "honest", "logistic_regression"):
+    mat, std = {"paper": (block["matrix"], block["std"]),
+                "honest": (block["matrix_honest"], block["std_honest"]),
+                "logistic_regression": (block.get("baseline_logistic_regression"),
+                                        block.get("std_logistic_regression"))}[kind]
+    if mat is None:  # results of runs before the baseline existed
+      continue
     rows = [[stage_names[i]] + [_fmt(m, s) for m, s in zip(mat[i], std[i])]
             for i in range(len(mat))]
-    fg = block["forgetting" if kind == "paper" else "forgetting_honest"]
+    fg = classification_forgetting(mat, block["learned_at"])
     rows.append(["Δ"] + ["-" if d is None else f"{d:+.2f}" for d in fg["per_dataset"]])
     avg = "-" if fg["average"] is None else f"{fg['average']:+.2f}"
-    parts += [f"**{kind}** (average Δ: {avg})", "",
+    title = ("*baseline: logistic regression on the values of the same genes, same splits*"
+             if kind == "logistic_regression" else f"**{kind}**")
+    parts += [f"{title} (average Δ: {avg})", "",
               markdown_table(["after stage \\ dataset"] + names, rows), ""]
   return "\n".join(parts)
 
@@ -258,12 +285,18 @@ def gene_classification(runner, state, vocab, k: int, results: dict) -> dict:
                             for d in datasets],
              "matrix": empty(), "std": empty(), "matrix_honest": empty(), "std_honest": empty(),
              "protocol": dataclasses.asdict(ctx["probe"])}
+  for key in ("baseline_logistic_regression", "std_logistic_regression"):
+    block.setdefault(key, [[None] * m for _ in range(n)])
   params, active = state.params, state.active_genes
   for j, ds in enumerate(datasets):
     feats = embeddings(runner, params, active, vocab, k, ds, ctx["embed"])
     r = evaluate_probe(feats, ds.labels, len(ds.classes), ds.name, ctx["probe"])
     block["matrix"][k][j], block["std"][k][j] = r["paper"], r["paper_std"]
     block["matrix_honest"][k][j], block["std_honest"][k][j] = r["honest"], r["honest_std"]
+    cols = stages.eval_columns(ds.data, vocab, experiment.seen_genes(runner.plan, k))
+    (block["baseline_logistic_regression"][k][j],
+     block["std_logistic_regression"][k][j]) = logistic_regression_accuracy(
+        ds, cols, runner.spec.normalisation, ds.name, ctx["probe"])
   block["forgetting"] = classification_forgetting(block["matrix"], block["learned_at"])
   block["forgetting_honest"] = classification_forgetting(block["matrix_honest"],
                                                          block["learned_at"])

@@ -23,11 +23,13 @@ LIKELIHOODS = ("mse", "poisson", "nb")
 
 _DEFAULTS = {
     "exceiver": dict(name="exceiver", d_model=64, n_latents=32, n_layers=2, n_heads=4,
-                     ffn_mult=4, dropout=0.0, value_encoding="additive", n_bins=16,
-                     depth_token=True, dtype="float32", attention="auto"),
+                     ffn_mult=4, dropout=0.0, value_encoding="softbin", n_bins=16,
+                     depth_token=True, gene_cell_offset=True, dtype="float32",
+                     attention="auto"),
     "transformer": dict(name="transformer", d_model=64, n_layers=2, n_heads=4, ffn_dim=64,
                         dropout=0.1, use_mvc=False, value_encoding="additive", n_bins=16,
-                        depth_token=True, dtype="float32", attention="auto"),
+                        depth_token=True, gene_cell_offset=False, dtype="float32",
+                        attention="auto"),
 }
 MODEL_NAMES = tuple(_DEFAULTS)
 
@@ -54,10 +56,16 @@ def build_model(model_cfg: ml_collections.ConfigDict, capacity: int,
   if likelihood not in LIKELIHOODS:
     raise ValueError(f"unknown likelihood {likelihood!r}; known: {list(LIKELIHOODS)}")
   c = model_cfg
+  offset = bool(c.get("gene_cell_offset", False))  # absent in configs of older runs
+  if offset and likelihood != "mse":
+    raise ValueError(f"config.model.gene_cell_offset=True predicts log1p values and needs "
+                     f"config.train.likelihood='mse' (got {likelihood!r}); set "
+                     "--config.model.gene_cell_offset=False for count likelihoods.")
   common = dict(capacity=int(capacity), d_model=c.d_model, n_layers=c.n_layers,
                 n_heads=c.n_heads, dropout=float(c.dropout), likelihood=likelihood,
                 dtype=compute_dtype(c.dtype), value_encoding=c.get("value_encoding", "additive"),
                 n_bins=int(c.get("n_bins", 16)), depth_token=bool(c.get("depth_token", False)),
+                gene_cell_offset=offset,
                 attention=attention.check(c.get("attention", "auto")))
   check_encoding(common["value_encoding"])
   if c.name == "exceiver":

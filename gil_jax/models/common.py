@@ -53,12 +53,15 @@ class GeneTable(nn.Module):
   """All per-gene parameters; every one has leading dimension ``capacity``.
 
   ``embedding`` [capacity, features] (N(0, init_std)); ``log_theta`` [capacity] (NB
-  inverse-dispersion, init 0 = theta 1) when ``with_theta``. Lookups are plain gathers, so rows
+  inverse-dispersion, init 0 = theta 1) when ``with_theta``; ``bias`` [capacity] (the gene's
+  level in the gene + cell offset head, init 0, set from data when a gene is first activated)
+  when ``with_bias``. Lookups are plain gathers, so rows
   absent from a batch get exactly zero gradient; out-of-range ids give NaN (bug, not silence).
   """
   capacity: int
   features: int
   with_theta: bool = False
+  with_bias: bool = False
   init_std: float = 0.02
 
   def setup(self):
@@ -67,6 +70,8 @@ class GeneTable(nn.Module):
     if self.with_theta:
       self.log_theta = self.param("log_theta", nn.initializers.zeros, (self.capacity,),
                                   jnp.float32)
+    if self.with_bias:
+      self.bias = self.param("bias", nn.initializers.zeros, (self.capacity,), jnp.float32)
 
   def embed(self, ids: Array) -> Array:
     """float32[..., features] rows for int ``ids``."""
@@ -75,6 +80,15 @@ class GeneTable(nn.Module):
   def theta(self, ids: Array) -> Array:
     """float32[...] NB log-theta for ``ids`` (requires ``with_theta``)."""
     return jnp.take(self.log_theta, ids, axis=0, mode="fill")
+
+  def gene_cell_offset(self, ids: Array, values: Array, visible: Array) -> Array:
+    """float32[B, N]: the gene's bias plus the cell's mean offset of its *visible* values from
+    their genes' biases -- the trivial 'gene + cell offset' predictor (eval/regression.py) with
+    learned levels, which a backbone's head then corrects (requires ``with_bias``)."""
+    bias = jnp.take(self.bias, ids, axis=0, mode="fill")
+    resid = jnp.where(visible, values - bias, 0.0)
+    offset = resid.sum(-1, keepdims=True) / jnp.maximum(visible.sum(-1, keepdims=True), 1)
+    return bias + offset
 
 
 class Dropout(nn.Module):
@@ -134,15 +148,19 @@ def Dense(features: int, **kw) -> nn.Dense:  # noqa: N802 - a module constructor
 
 
 class MLP(nn.Module):
-  """Dense stack: ``features[:-1]`` hidden layers with ``act``, then a linear output layer."""
+  """Dense stack: ``features[:-1]`` hidden layers with ``act``, then a linear output layer
+  (zero-initialised with ``zero_output``, so the stack starts as the constant 0)."""
   features: Sequence[int]
   act: Callable[[Array], Array] = nn.gelu
   dtype: Dtype = jnp.float32
+  zero_output: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    last = len(self.features) - 1
     for i, f in enumerate(self.features):
-      x = Dense(f, dtype=self.dtype, name=f"dense_{i}")(x)
+      init = ({"kernel_init": nn.initializers.zeros} if self.zero_output and i == last else {})
+      x = Dense(f, dtype=self.dtype, name=f"dense_{i}", **init)(x)
       if i < len(self.features) - 1:
         x = self.act(x)
     return x

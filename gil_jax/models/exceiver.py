@@ -6,7 +6,10 @@ encode: learned latents [L, d] cross-attend to the *visible* tokens (``token_mas
 process: ``n_layers`` pre-LN latent self-attention layers + final LayerNorm (pre-LN instead of the
   reference's post-LN: stabler from scratch, no released weights are ported);
 decode: queries = tied gene embeddings of all N positions (no value) cross-attend to the latents,
-  then LN -> Dense(d) -> GELU -> Dense(1) gives one scalar per position.
+  then LN -> Dense(d) -> GELU -> Dense(1) gives one scalar per position; with
+  ``gene_cell_offset`` that scalar (zero at init) is added to the gene + cell offset predictor
+  computed in the model from learned per-gene levels (``GeneTable.gene_cell_offset``), so
+  training starts from the trivial baseline and learns what it misses.
 cell_emb = mean of the processed latents (E = d_model), not the reference's flattened latents.
 """
 
@@ -72,6 +75,7 @@ class Exceiver(nn.Module):
   value_encoding: str = "additive"
   n_bins: int = 16
   depth_token: bool = True
+  gene_cell_offset: bool = False
   likelihood: str = "mse"
   dtype: Dtype = jnp.float32
   attention: str = "auto"  # models/attention.py IMPLEMENTATIONS
@@ -83,10 +87,12 @@ class Exceiver(nn.Module):
     d, dt = self.d_model, self.dtype
     blk = dict(num_heads=self.n_heads, ffn_mult=self.ffn_mult, dropout_rate=self.dropout, dtype=dt,
                attention=self.attention)
-    genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb", name=GENES)
+    genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb",
+                      with_bias=self.gene_cell_offset, name=GENES)
     emb = genes.embed(gene_ids)                                   # [B, N, d] float32
     visible = token_mask & ~pred_mask
     v = jnp.where(visible, values, 0.0)
+    level = genes.gene_cell_offset(gene_ids, v, visible) if self.gene_cell_offset else 0.0
     tokens = ValueEncoder(self.value_encoding, self.n_bins, dtype=dt, name="value_encoder")(emb, v)
     if self.depth_token:
       depth = DepthToken(d, dtype=dt, name="depth_token")(log_depth(size_factors, v.shape[0]))
@@ -102,8 +108,8 @@ class Exceiver(nn.Module):
 
     out = CrossAttnBlock(**blk, name="decoder")(emb.astype(dt), lat, None, train)
     out = nn.LayerNorm(LN_EPS, dtype=dt, name="head_norm")(out)
-    pred = MLP((d, 1), dtype=dt, name="head")(out)[..., 0]
-    result = {"pred": pred.astype(jnp.float32),
+    pred = MLP((d, 1), dtype=dt, zero_output=self.gene_cell_offset, name="head")(out)[..., 0]
+    result = {"pred": pred.astype(jnp.float32) + level,
               "cell_emb": jnp.mean(lat.astype(jnp.float32), axis=1)}
     if self.likelihood == "nb":
       result["log_theta"] = genes.theta(gene_ids)

@@ -55,6 +55,7 @@ class Transformer(nn.Module):
   value_encoding: str = "additive"
   n_bins: int = 16
   depth_token: bool = False
+  gene_cell_offset: bool = False
   likelihood: str = "mse"
   dtype: Dtype = jnp.float32
   attention: str = "auto"  # models/attention.py IMPLEMENTATIONS
@@ -65,8 +66,12 @@ class Transformer(nn.Module):
     check_encoding(self.value_encoding)
     d, dt = self.d_model, self.dtype
     leaky = lambda x: nn.leaky_relu(x, 0.01)
-    genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb", name=GENES)
+    genes = GeneTable(self.capacity, d, with_theta=self.likelihood == "nb",
+                      with_bias=self.gene_cell_offset, name=GENES)
     emb = genes.embed(gene_ids)                                   # [B, N, d] float32
+    visible = token_mask & ~pred_mask
+    level = (genes.gene_cell_offset(gene_ids, jnp.where(visible, values, 0.0), visible)
+             if self.gene_cell_offset else 0.0)
     v = jnp.where(pred_mask, MASK_VALUE, jnp.where(token_mask, values, 0.0))
     v = jnp.minimum(v, VALUE_CLIP)
     x = ValueEncoder(self.value_encoding, self.n_bins, act="relu", dtype=dt,
@@ -85,8 +90,9 @@ class Transformer(nn.Module):
           x, key_mask, train)
 
     cell_emb = x[:, 0]
-    pred = MLP((d, d, 1), act=leaky, dtype=dt, name="value_head")(x[:, 1:])[..., 0]
-    result = {"pred": pred.astype(jnp.float32), "cell_emb": cell_emb.astype(jnp.float32)}
+    pred = MLP((d, d, 1), act=leaky, dtype=dt, zero_output=self.gene_cell_offset,
+               name="value_head")(x[:, 1:])[..., 0]
+    result = {"pred": pred.astype(jnp.float32) + level, "cell_emb": cell_emb.astype(jnp.float32)}
     if self.use_mvc:
       query = MLP((d, d, d), act=leaky, dtype=dt, name="mvc_head")(
           jax.lax.stop_gradient(emb).astype(dt))

@@ -23,7 +23,7 @@ from gil_jax.data import batching, stages
 from gil_jax.data.vocab import GeneVocab
 from gil_jax.eval import hooks, regression, report
 from gil_jax.losses import objectives, registry
-from gil_jax.models import build_model
+from gil_jax.models import GENES, build_model
 from gil_jax.core import loop
 from gil_jax.core.loop import Feed, StageData
 from gil_jax.core.state import TrainState, init_state, make_optimizer
@@ -44,6 +44,7 @@ class Runner(loop.Runner):
     self.config, self.data, self.plan = config, data, plan
     self.capacity = config.genes.capacity
     self._vocabs: dict[int, GeneVocab] = {}
+    self._gene_stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     self.reset_opt_state = bool(config.train.reset_opt_state)
     self.spec = batching.BatchSpec(
         batch_size=config.batch.batch_size, n_tokens=config.batch.n_tokens,
@@ -86,6 +87,32 @@ class Runner(loop.Runner):
 
   def stage_masks(self, k: int) -> dict[str, np.ndarray]:
     return {"active_genes": self.vocab(k).active_mask(k)}
+
+  def begin_stage(self, state: TrainState, k: int) -> TrainState:
+    """Stage k's masks; with the gene + cell offset head, the levels of the genes the stage
+    introduces start at their detected mean over the stage's training cells."""
+    state = super().begin_stage(state, k)
+    if not self.config.model.get("gene_cell_offset", False):
+      return state
+    stage = self.plan.stages[k]
+    rows = np.zeros(self.capacity, bool)
+    levels = np.zeros(self.capacity, np.float32)
+    c2r = stages.stage_columns(self.data, self.vocab(k), stage)
+    new = np.isin(np.arange(self.capacity), self.vocab(k).rows(stage.new_genes))
+    _, detected_mean = regression.gene_statistics(self.data, stage.train_cells,
+                                                  self.spec.normalisation)
+    cols = np.flatnonzero((c2r > 0) & new[c2r] & np.isfinite(detected_mean))
+    rows[c2r[cols]] = True
+    levels[c2r[cols]] = detected_mean[cols]
+    bias = self._set_rows(state.params[GENES]["bias"], self.put(jnp.asarray(rows), self.repl),
+                          self.put(jnp.asarray(levels), self.repl))
+    params = dict(state.params, **{GENES: dict(state.params[GENES], bias=bias)})
+    return state.replace(params=params)
+
+  @functools.cached_property
+  def _set_rows(self):
+    sharding = self.state_sharding.params[GENES]["bias"]
+    return jax.jit(lambda old, rows, new: jnp.where(rows, new, old), out_shardings=sharding)
 
   def stage_data(self, k: int, state: TrainState) -> StageData:
     stage = self.plan.stages[k]
@@ -150,7 +177,7 @@ class Runner(loop.Runner):
     stage_rows = [vocab.rows(s.eval_genes) for s in self.plan.stages[:upto + 1]]
     row_group = regression.stage_row_groups(self.capacity, stage_rows)
     n = len(self.plan.stages)
-    trivial = regression.TrivialBaselines(*self.gene_statistics, cols, self.capacity,
+    trivial = regression.TrivialBaselines(*self.gene_statistics(upto), cols, self.capacity,
                                           np.asarray(jax.device_get(active)), row_group, n)
 
     def batches():
@@ -164,11 +191,14 @@ class Runner(loop.Runner):
     upto_only = lambda row: [row[j] if j <= upto else None for j in range(n)]
     return upto_only(mse), {name: upto_only(row) for name, row in trivial.mse().items()}
 
-  @functools.cached_property
-  def gene_statistics(self) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene (mean, detected mean) over every training cell of the plan (host side, once)."""
-    cells = np.concatenate([s.train_cells for s in self.plan.stages])
-    return regression.gene_statistics(self.data, cells, self.spec.normalisation)
+  def gene_statistics(self, upto: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene (mean, detected mean) over the training cells of stages 0..upto: the cells the
+    model has trained on after stage `upto`, no later stage's (host side, once per stage)."""
+    if upto not in self._gene_stats:
+      cells = np.concatenate([s.train_cells for s in self.plan.stages[:upto + 1]])
+      self._gene_stats[upto] = regression.gene_statistics(self.data, cells,
+                                                          self.spec.normalisation)
+    return self._gene_stats[upto]
 
   def eval_step_batch_sharding(self):
     return self.eval_batch_sharding
