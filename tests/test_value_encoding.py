@@ -115,14 +115,18 @@ def test_old_name_mlp_points_to_additive():
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_gene_cell_offset_head_starts_at_the_trivial_predictor_and_reads_values(name):
-  """At init the head's correction is 0, so 'pred' is exactly the evaluator's gene + cell offset
-  predictor with the gene levels as detected means; the correction then learns from values."""
+  """With the correction's output layer at 0, 'pred' is exactly the evaluator's gene + cell
+  offset predictor with the gene levels as detected means; trained, the model reads values."""
   from gil_jax.eval.regression import trivial_predictions  # noqa: PLC0415
   model = tiny(name, "softbin", offset=True)
   ids, values, target, token, pred, sf = level_task(0)
   params = model.init({"params": jax.random.key(0)}, ids, values, token, pred, False, sf)["params"]
   levels = np.random.default_rng(1).uniform(0.0, 3.0, CAP).astype(np.float32)
-  params = dict(params, genes=dict(params["genes"], bias=levels))
+  head = "head" if name == "exceiver" else "value_head"
+  last = max(params[head])
+  params = dict(params, genes=dict(params["genes"], bias=levels),
+                **{head: dict(params[head], **{last: jax.tree.map(np.zeros_like,
+                                                                  params[head][last])})})
   out = np.asarray(model.apply({"params": params}, ids, values, token, pred, False, sf)["pred"])
 
   class HostBatch:

@@ -148,19 +148,15 @@ def Dense(features: int, **kw) -> nn.Dense:  # noqa: N802 - a module constructor
 
 
 class MLP(nn.Module):
-  """Dense stack: ``features[:-1]`` hidden layers with ``act``, then a linear output layer
-  (zero-initialised with ``zero_output``, so the stack starts as the constant 0)."""
+  """Dense stack: ``features[:-1]`` hidden layers with ``act``, then a linear output layer."""
   features: Sequence[int]
   act: Callable[[Array], Array] = nn.gelu
   dtype: Dtype = jnp.float32
-  zero_output: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    last = len(self.features) - 1
     for i, f in enumerate(self.features):
-      init = ({"kernel_init": nn.initializers.zeros} if self.zero_output and i == last else {})
-      x = Dense(f, dtype=self.dtype, name=f"dense_{i}", **init)(x)
+      x = Dense(f, dtype=self.dtype, name=f"dense_{i}")(x)
       if i < len(self.features) - 1:
         x = self.act(x)
     return x

@@ -7,9 +7,10 @@ process: ``n_layers`` pre-LN latent self-attention layers + final LayerNorm (pre
   reference's post-LN: stabler from scratch, no released weights are ported);
 decode: queries = tied gene embeddings of all N positions (no value) cross-attend to the latents,
   then LN -> Dense(d) -> GELU -> Dense(1) gives one scalar per position; with
-  ``gene_cell_offset`` that scalar (zero at init) is added to the gene + cell offset predictor
-  computed in the model from learned per-gene levels (``GeneTable.gene_cell_offset``), so
-  training starts from the trivial baseline and learns what it misses.
+  ``gene_cell_offset`` that scalar is a correction added to the gene + cell offset predictor
+  computed in the model from learned per-gene levels (``GeneTable.gene_cell_offset``). (A
+  zero-initialised correction was tried: it stays near 0 for the genes of later stages, which
+  then sit at the trivial predictor; a normally initialised one learns them.)
 cell_emb = mean of the processed latents (E = d_model), not the reference's flattened latents.
 """
 
@@ -108,7 +109,7 @@ class Exceiver(nn.Module):
 
     out = CrossAttnBlock(**blk, name="decoder")(emb.astype(dt), lat, None, train)
     out = nn.LayerNorm(LN_EPS, dtype=dt, name="head_norm")(out)
-    pred = MLP((d, 1), dtype=dt, zero_output=self.gene_cell_offset, name="head")(out)[..., 0]
+    pred = MLP((d, 1), dtype=dt, name="head")(out)[..., 0]
     result = {"pred": pred.astype(jnp.float32) + level,
               "cell_emb": jnp.mean(lat.astype(jnp.float32), axis=1)}
     if self.likelihood == "nb":

@@ -90,8 +90,7 @@ class Transformer(nn.Module):
           x, key_mask, train)
 
     cell_emb = x[:, 0]
-    pred = MLP((d, d, 1), act=leaky, dtype=dt, zero_output=self.gene_cell_offset,
-               name="value_head")(x[:, 1:])[..., 0]
+    pred = MLP((d, d, 1), act=leaky, dtype=dt, name="value_head")(x[:, 1:])[..., 0]
     result = {"pred": pred.astype(jnp.float32) + level, "cell_emb": cell_emb.astype(jnp.float32)}
     if self.use_mvc:
       query = MLP((d, d, d), act=leaky, dtype=dt, name="mvc_head")(
