@@ -1,55 +1,44 @@
-"""The training input pipeline on `grain`: step-indexed batches, built ahead, optionally in
-worker processes.
+"""The training input pipeline: step-indexed batches built ahead, in a thread or in worker
+processes, on the standard library's `concurrent.futures` executors.
 
 A stage's batches are a pure function of the step (`batching.StageBatchMaker`), so the pipeline
-is a grain ``MapDataset`` over the step range: resuming at step s builds exactly the batches an
+maps `make` over the step range, in order: resuming at step s builds exactly the batches an
 uninterrupted run would have built from s on (the checkpointed step is the iterator's whole
-state: grain's ``next_index``), and the number of workers never changes a batch.
+state), and the number of workers never changes a batch.
 
 * ``workers=0``: batches are built in one background thread, ``prefetch`` steps ahead.
-* ``workers=W>0``: W processes (grain ``mp_prefetch``) each build groups of ``group`` consecutive
-  steps (one inter-process transfer per group, not per batch: on a small host the transfer, not
-  the batch, dominates), unpacked in order in the consumer.
+* ``workers=W>0``: W spawned processes each build groups of ``group`` consecutive steps (one
+  pickled transfer per group), ``W * prefetch`` groups ahead; `make` is sent to each worker once.
 
 In both cases ``post`` (e.g. a sharded ``jax.device_put`` plus a transform's extra inputs) runs
-in a consumer-side thread ``prefetch`` steps ahead, so host work overlaps the device step.
+in one consumer-side thread ``prefetch`` steps ahead, so host work overlaps the device step. An
+error raised while building step s is raised by ``next`` when step s is due, after the steps
+before it.
+
+Why not grain's ``mp_prefetch`` (this module used it until the measurements in the README's
+"Training from a corpus"): on the 2-core hosts of this project its worker processes were busy
+less than half of the time (a fixed ~12 ms per element and no overlap between two workers), so
+2 workers delivered fewer cells/s than one thread; the same workers on a process pool deliver
+2x. ``benchmarks/bench_pipeline.py --grain`` times both side by side.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+import collections
+import concurrent.futures as cf
+import multiprocessing
+from typing import Any, Callable, Iterator
 
-import grain
-import grain.experimental as grain_exp
-from absl import flags
-
-
-def _grain_ready() -> None:
-  # grain reads absl flags; a library user (a notebook, pytest) may never parse them
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+_MAKE: Callable[[int], Any] | None = None  # set once in each worker process
 
 
-@dataclasses.dataclass(frozen=True)
-class _Group:
-  """Steps [g * size, (g + 1) * size) ∩ [start, end) of `make`, as one list (one transfer)."""
-  make: Callable[[int], Any]
-  size: int
-  start: int
-  end: int
-
-  def __call__(self, g: int) -> list:
-    lo, hi = max(self.start, g * self.size), min(self.end, (g + 1) * self.size)
-    return [self.make(s) for s in range(lo, hi)]
+def _init_worker(make: Callable[[int], Any]) -> None:
+  global _MAKE
+  _MAKE = make
 
 
-class _Ungroup(grain_exp.FlatMapTransform):
-  def __init__(self, size: int):
-    self.max_fan_out = size
-
-  def flat_map(self, element: Sequence) -> Sequence:
-    return element
+def _build_steps(lo: int, hi: int) -> list:
+  return [_MAKE(s) for s in range(lo, hi)]
 
 
 class StepIterator:
@@ -57,34 +46,87 @@ class StepIterator:
 
   def __init__(self, make: Callable[[int], Any], start: int, n: int, *, workers: int = 0,
                group: int = 8, prefetch: int = 2, post: Callable[[Any], Any] | None = None):
-    _grain_ready()
     end = start + n
     if workers > 0:
-      ds = grain.MapDataset.range(start // group, -(-end // group)).map(
-          _Group(make, group, start, end)).to_iter_dataset()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                      per_worker_buffer_size=max(1, prefetch)))
-      ds = grain_exp.FlatMapIterDataset(ds, _Ungroup(group))
+      self._pool: cf.Executor = cf.ProcessPoolExecutor(
+          workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+          initargs=(make,))
+      self._units = collections.deque((lo, min(end, lo + group))
+                                      for lo in range(start, end, group))
+      self._submit = lambda u: self._pool.submit(_build_steps, *u)
+      ahead = workers * max(1, prefetch)
     else:
-      ds = grain.MapDataset.range(start, end).map(make).to_iter_dataset(
-          grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, prefetch)))
-    if post is not None:
-      ds = ds.map(post)
-    self._it = iter(grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=max(1, prefetch)))
+      self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="batches")
+      self._units = collections.deque((s, s + 1) for s in range(start, end))
+      self._submit = lambda u: self._pool.submit(lambda lo: [make(lo)], u[0])
+      ahead = max(1, prefetch)
+    self._post = post
+    self._post_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="post") if post else None
+    self._building: collections.deque[cf.Future] = collections.deque()
+    self._items: collections.deque = collections.deque()   # built, not yet posted
+    self._ready: collections.deque[cf.Future] = collections.deque()  # posted, in step order
+    self._ahead, self._prefetch = ahead, max(1, prefetch)
+    self._failed = False
+    self._fill()
+
+  def _fill(self) -> None:
+    while self._units and len(self._building) < self._ahead:
+      self._building.append(self._submit(self._units.popleft()))
+
+  def _next_item(self) -> cf.Future | None:
+    """The next step's item as a finished-or-pending future (posted when `post` is set)."""
+    if not self._items:
+      if not self._building or self._failed:
+        return None
+      fut = self._building.popleft()
+      self._fill()
+      try:
+        self._items.extend(fut.result())
+      except BaseException as e:  # raised in order, when this step is due
+        self._failed = True
+        done: cf.Future = cf.Future()
+        done.set_exception(e)
+        return done
+    item = self._items.popleft()
+    if self._post_pool is not None:
+      return self._post_pool.submit(self._post, item)
+    done = cf.Future()
+    done.set_result(item)
+    return done
 
   def __iter__(self) -> Iterator:
     return self
 
   def __next__(self):
-    if self._it is None:
+    if self._pool is None:
       raise StopIteration
-    return next(self._it)
+    while len(self._ready) < self._prefetch:
+      fut = self._next_item()
+      if fut is None:
+        break
+      self._ready.append(fut)
+    if not self._ready:
+      raise StopIteration
+    return self._ready.popleft().result()
 
   def close(self) -> None:
-    """Stops the threads and worker processes (also done when garbage-collected)."""
-    if self._it is not None:
-      self._it.close()
-      self._it = None  # freed now, not at interpreter exit (grain's __del__ fails there)
+    """Stops the threads and worker processes (pending work is cancelled)."""
+    if self._pool is not None:
+      for f in self._building:
+        f.cancel()
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      if self._post_pool is not None:
+        self._post_pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = self._post_pool = None
+      self._building.clear()
+      self._items.clear()
+      self._ready.clear()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # interpreter shutdown: the executors may be gone already
+      pass
 
   def __enter__(self):
     return self

@@ -114,42 +114,59 @@ class LazyCSRRows:
     self._col_means = self._col_nnz = self.col_sums = None
 
   def __getitem__(self, rows) -> sp.csr_matrix:
+    counts, idx, data = self.read(rows)
+    return sp.csr_matrix((data, idx, np.concatenate([[0], np.cumsum(counts)])),
+                         shape=(len(counts), self.n_cols))
+
+  def read(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(entries per row int64, column int32, value float32) of `rows`, in the order given, each
+    row's entries by increasing column: CSR without the matrix object (the corpus reader
+    assembles several files' reads into one)."""
     rows = np.asarray(rows, np.int64).reshape(-1)
     if self._rows is not None:
       rows = self._rows[rows]
     starts, ends = self.indptr[rows], self.indptr[rows + 1]
     counts = ends - starts
-    total = int(counts.sum())
+    if not len(rows):
+      return counts, np.zeros(0, np.int32), np.zeros(0, np.float32)
     # rows sorted by position, merged into runs whose gaps are small: one read per run (a block
     # of consecutive cells is one read), then each row's entries gathered from its run
     order = np.argsort(starts, kind="stable")
-    s_sorted, e_sorted = starts[order], ends[order]
-    run_end = np.maximum.accumulate(e_sorted) if len(rows) else e_sorted
-    new_run = np.r_[True, s_sorted[1:] > run_end[:-1] + self.MERGE_GAP] if len(rows) else \
-        np.zeros(0, bool)
-    run_id = np.cumsum(new_run) - 1
+    s_sorted = starts[order]
+    run_end = np.maximum.accumulate(ends[order])
+    new_run = np.r_[True, s_sorted[1:] > run_end[:-1] + self.MERGE_GAP]
     firsts = np.flatnonzero(new_run)
-    lasts = np.r_[firsts[1:] - 1, len(rows) - 1] if len(rows) else firsts
-    lo, hi = s_sorted[firsts], run_end[lasts]
-    base = np.concatenate([[0], np.cumsum(hi - lo)])
-    data = np.concatenate([self._data[a:b] for a, b in zip(lo, hi)] or [np.zeros(0, np.float32)])
-    idx = np.concatenate([self._indices[a:b] for a, b in zip(lo, hi)] or [np.zeros(0, np.int32)])
+    lo, hi = s_sorted[firsts], run_end[np.r_[firsts[1:] - 1, len(rows) - 1]]
+    if len(lo) == 1:
+      data, idx = self._data[lo[0]:hi[0]], self._indices[lo[0]:hi[0]]
+    else:
+      data = np.concatenate([self._data[a:b] for a, b in zip(lo, hi)])
+      idx = np.concatenate([self._indices[a:b] for a, b in zip(lo, hi)])
+    base = np.r_[0, np.cumsum(hi - lo)]
     row_run = np.empty(len(rows), np.int64)
-    row_run[order] = run_id
+    row_run[order] = np.cumsum(new_run) - 1
     offset = starts - lo[row_run] + base[row_run]      # each row's first entry in data/idx
-    take = np.arange(total) + np.repeat(offset - np.r_[0, np.cumsum(counts)[:-1]], counts)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    m = sp.csr_matrix((data[take].astype(np.float32), idx[take].astype(np.int32), indptr),
-                      shape=(len(rows), self.n_cols))
-    m.sum_duplicates()
-    m.eliminate_zeros()
+    total = int(counts.sum())
+    if total == len(data) and np.array_equal(offset, np.r_[0, np.cumsum(counts)[:-1]]):
+      take = slice(None)  # the rows are exactly the run(s), in file order: no gather
+    else:
+      take = np.arange(total) + np.repeat(offset - np.r_[0, np.cumsum(counts)[:-1]], counts)
+    data, idx = data[take].astype(np.float32, copy=False), idx[take].astype(np.int32, copy=False)
+    # as the in-memory reader stores a matrix: duplicates summed, explicit zeros dropped (the
+    # scipy passes run only when a check finds either)
+    new_row = np.zeros(len(idx), bool)
+    new_row[np.r_[0, np.cumsum(counts)[:-1]][counts > 0]] = True
+    if (np.any((np.diff(idx) <= 0) & ~new_row[1:]) or not np.all(data)):
+      m = sp.csr_matrix((data, idx, np.r_[0, np.cumsum(counts)]), shape=(len(rows), self.n_cols))
+      m.sum_duplicates()
+      m.eliminate_zeros()
+      counts, idx, data = np.diff(m.indptr).astype(np.int64), m.indices, m.data
     if self.normalisation != "none":  # the arithmetic of the in-memory normalisation
       if self.normalisation == "log1p_cp10k":
-        per_entry = np.repeat(self._file_size_factors[rows], np.diff(m.indptr))
-        m.data = np.log1p(m.data / per_entry).astype(np.float32)
+        data = np.log1p(data / np.repeat(self._file_size_factors[rows], counts)).astype(np.float32)
       else:
-        m.data = np.log1p(m.data).astype(np.float32)
-    return m
+        data = np.log1p(data).astype(np.float32)
+    return counts, idx, data
 
   def normalise_on_read(self, how: str, size_factors: np.ndarray) -> None:
     """Row reads return log1p(x / size factor) ('log1p_cp10k') or log1p(x) ('log1p') from now
