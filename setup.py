@@ -24,8 +24,9 @@ setup(
         "matplotlib>=3.8",
         "scikit-learn>=1.4",
         "h5py>=3.10",
-        "grain>=0.2.12",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"],
+                    # benchmarks/bench_pipeline.py --grain (the loader before concurrent.futures)
+                    "bench": ["grain>=0.2.12"]},
     entry_points={"console_scripts": ["gil-jax=gil_jax.cli:main"]},
 )

@@ -9,17 +9,24 @@ For each worker count (`--workers 0,1,2`: 0 = one background thread) it times `-
 after the first (start-up is reported apart), with block shuffling (`--block` consecutive cells
 per unit). Beside it, on the same cells in the same order, anndata's own backed mode
 (`read_h5ad(backed='r')`, `X[rows]`): rows read only, no tokenisation, so an upper bound for a
-reader built on it. `annbatch` (scverse's loader) is not timed: it needs Python >= 3.12, and
-this project's hosts run 3.11; the JSON says so (`annbatch_note`).
+reader built on it. With `--grain`, the same batches through grain's `mp_prefetch` with 2
+workers (the pipeline this project used before; needs `pip install grain`).
+
+annbatch (scverse's loader) needs Python >= 3.12; this project runs 3.11, so
+`--annbatch-python PY` runs `annbatch_driver.py` with that interpreter (a venv with
+`pip install "annbatch[zarrs]" jax flax`; the corpus is converted once to `--annbatch-collection`,
+not timed) and merges its JSON: annbatch's loader alone (rows) and with this project's
+tokenisation of its batches (device-ready `Batch`es, `annbatch_cells_per_s`), and the ratio.
 Peak RSS of this process and of the worker processes is reported (ru_maxrss).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -75,14 +82,44 @@ def _anndata_backed(files: list[str], rows_per_step: list[np.ndarray]) -> float:
   return n / dt
 
 
-def _annbatch_note() -> dict:
-  """Why annbatch is not timed beside the project (it needs Python >= 3.12; this benchmark
-  was written on 3.11 hosts, where it cannot be installed, and has no driver for it)."""
-  installed = importlib.util.find_spec("annbatch") is not None
-  return {"annbatch_cells_per_s": None,
-          "annbatch_note": ("annbatch is installed but not driven by this benchmark" if installed
-                            else "annbatch is not installed (it requires Python >= 3.12; this is "
-                                 f"{sys.version_info.major}.{sys.version_info.minor})")}
+def _annbatch(args) -> dict:
+  """annbatch_driver.py's JSON, run by `--annbatch-python` (or why annbatch was not timed)."""
+  if not args.annbatch_python:
+    return {"annbatch_cells_per_s": None,
+            "annbatch_note": "not timed: pass --annbatch-python (a Python >= 3.12 with annbatch; "
+                             f"this is {sys.version_info.major}.{sys.version_info.minor})"}
+  driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "annbatch_driver.py")
+  cmd = [args.annbatch_python, driver, "--corpus", args.corpus, "--collection",
+         args.annbatch_collection, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+         "--steps", str(args.steps), "--chunk-size", str(args.block)]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+  if done.returncode or not lines:
+    raise SystemExit(f"annbatch_driver.py failed ({done.returncode}):\n{done.stderr[-2000:]}")
+  return json.loads(lines[-1])
+
+
+def _time_grain(make, steps: int, put, workers: int = 2, group: int = 8) -> float:
+  """cells/s of the same batches through grain's mp_prefetch (groups of `group` steps)."""
+  import grain  # noqa: PLC0415 (optional)
+  from absl import flags  # noqa: PLC0415
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  n_groups = -(-(steps + group) // group)
+  ds = grain.MapDataset.range(n_groups).map(
+      lambda g: [make(s) for s in range(g * group, (g + 1) * group)]).to_iter_dataset(
+          grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+  it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                        per_worker_buffer_size=4)))
+  first = next(it)
+  t, n = time.perf_counter(), 0
+  for items in it:
+    for sb in items:
+      out = put(sb)
+      n += int(np.sum(sb[1].cell_mask))
+  jax.block_until_ready(out[1].values)
+  del first
+  return n / (time.perf_counter() - t)
 
 
 def run(args) -> dict:
@@ -108,12 +145,17 @@ def run(args) -> dict:
   steps = range(min(args.steps, batching.steps_per_epoch(data.n_cells, args.batch)))
   backed = _anndata_backed(files, [order[s * args.batch:(s + 1) * args.batch] for s in steps])
   out["anndata_backed_rows_only_cells_per_s"] = round(backed, 1)
-  out.update(_annbatch_note())
+  workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # before annbatch
+  if args.grain:
+    out["grain_mp_prefetch_2_workers_cells_per_s"] = round(_time_grain(make, args.steps, put), 1)
+  out.update(_annbatch(args))
   out["best_cells_per_s"] = best
   out["ratio_to_anndata_backed_rows_only"] = round(best / backed, 2)
+  if out.get("annbatch_cells_per_s"):
+    out["ratio_to_annbatch"] = round(best / out["annbatch_cells_per_s"], 2)
+    out["ratio_to_annbatch_rows_only"] = round(best / out["annbatch_rows_only_cells_per_s"], 2)
   out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-  out["peak_rss_workers_mb"] = round(
-      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+  out["peak_rss_workers_mb"] = round(workers_rss, 1)
   return out
 
 
@@ -128,6 +170,13 @@ if __name__ == "__main__":
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--workers", default="0,1,2")
   p.add_argument("--block", type=int, default=16, help="cells per shuffled unit")
+  p.add_argument("--grain", action="store_true", help="also time grain's mp_prefetch")
+  p.add_argument("--annbatch-python", dest="annbatch_python", default=os.environ.get(
+      "ANNBATCH_PYTHON", ""), help="a Python >= 3.12 with annbatch (default: $ANNBATCH_PYTHON)")
+  p.add_argument("--annbatch-collection", dest="annbatch_collection", default=None,
+                 help="where annbatch's converted copy of the corpus goes (default: next to it, "
+                      "CORPUS.annbatch.zarr)")
   p.add_argument("--json", action="store_true")
   a = p.parse_args()
+  a.annbatch_collection = a.annbatch_collection or a.corpus.rstrip("/") + ".annbatch.zarr"
   emit(run(a), a.json)

@@ -187,7 +187,7 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
       went = np.flatnonzero(weighted[owner])
       ow = owner[went]
       keys[went] = np.log(keys[went]) / (normalise(raw[went], sf[ow], norm) - vmin[ow] + 1e-5)
-    sel = _top_n(keys, counts, N)
+    sel = np.flatnonzero(_top_n(keys, counts, N))  # ~N per cell of ~10N: index, not mask
     owner, cols, raw = owner[sel], cols[sel], raw[sel]
     if spec.value_scale == "cell_rank":
       quantile = quantile[sel]
