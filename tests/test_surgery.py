@@ -14,11 +14,12 @@ from tests.helpers import tiny_config
 from tests.test_parallel import random_batch
 
 OLD, NEW = 48, 80
+LIKELIHOOD = "mse"  # the Exceiver's default gene + cell offset head predicts log1p values
 
 
 def make(name, capacity):
   cfg = tiny_config(name)
-  model = build_model(cfg.model, capacity, "nb")
+  model = build_model(cfg.model, capacity, LIKELIHOOD)
   b = random_batch()
   params = model.init({"params": jax.random.key(capacity)}, b.gene_ids, b.values, b.token_mask,
                       b.pred_mask, False)["params"]
@@ -31,7 +32,7 @@ def test_grow_keeps_old_rows_and_recompiles_once(name):
   fisher = jax.tree.map(jnp.ones_like, params)
   state = init_state(params, tx, {"ewc": {"fisher": fisher}}, jax.random.PRNGKey(0), OLD)
   state = state.replace(active_genes=jnp.arange(OLD) > 0)
-  loss_fn = objectives.make_task_loss(model, "nb")
+  loss_fn = objectives.make_task_loss(model, LIKELIHOOD)
   step = jax.jit(make_train_step(loss_fn, tx))
   b1, b2 = {"main": random_batch(1)}, {"main": random_batch(2)}
   state, _ = step(state, b1)
@@ -53,8 +54,12 @@ def test_grow_keeps_old_rows_and_recompiles_once(name):
                                 fresh["genes"]["embedding"][OLD:])
   np.testing.assert_array_equal(grown.params["genes"]["embedding"][:OLD],
                                 state.params["genes"]["embedding"])
+  if "bias" in state.params["genes"]:  # the offset head's per-gene levels grow like the table
+    assert grown.params["genes"]["bias"].shape[0] == NEW
+    np.testing.assert_array_equal(grown.params["genes"]["bias"][:OLD],
+                                  state.params["genes"]["bias"])
 
-  step2 = jax.jit(make_train_step(objectives.make_task_loss(model2, "nb"), tx))
+  step2 = jax.jit(make_train_step(objectives.make_task_loss(model2, LIKELIHOOD), tx))
   new_state, m = step2(grown, b2)
   np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
   np.testing.assert_allclose(new_state.params["genes"]["embedding"][:OLD],
