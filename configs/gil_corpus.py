@@ -8,7 +8,7 @@
 Every shard keeps its own gene panel; stage k trains on shard k's panel and the vocabulary grows
 by the genes no earlier shard measured (plan `dataset_stream`; `--config.stages.order=a,b,c` picks
 and orders shards, default all). Rows are read from disk as batches need them (block shuffling,
-16 consecutive cells per unit), built ahead by the grain loader (`--config.data.workers=W` for W
+16 consecutive cells per unit), built ahead by the loader (`--config.data.workers=W` for W
 worker processes). The gene table is sized for up to 20,480 genes (`genes.capacity`).
 """
 

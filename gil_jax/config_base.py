@@ -95,7 +95,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   # into memory (corpora larger than RAM; X / the layer must be CSR); same results as eager
   # reading (gil_jax/data/corpus.py).
   c.data.lazy = False
-  # Training batches are built by the grain pipeline (gil_jax/data/loader.py): 0 = in one
+  # Training batches are built ahead by gil_jax/data/loader.py (concurrent.futures): 0 = in one
   # background thread, W > 0 = in W worker processes. Never changes a batch.
   c.data.workers = 0
   # Shuffle runs of this many consecutive cells as units (1 = every cell on its own). Lazy data:

@@ -1,8 +1,9 @@
-"""A corpus of .h5ad shards (`data/corpus.py`) and the grain loader (`data/loader.py`).
+"""A corpus of .h5ad shards (`data/corpus.py`) and the training loader (`data/loader.py`).
 
 Shards are simulated into tmp_path, each on its own gene panel; no shared data needed.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -112,7 +113,7 @@ def test_two_processes_read_disjoint_cells_that_cover_the_global_batch(shards, m
     np.testing.assert_array_equal(np.concatenate(seen), whole[step * 16:(step + 1) * 16])
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 def test_loader_gives_the_steps_batches_in_order_for_any_worker_count(shards, workers):
   folder, _ = shards
   data = _open(folder)
@@ -125,6 +126,26 @@ def test_loader_gives_the_steps_batches_in_order_for_any_worker_count(shards, wo
   assert [s for s, _ in got] == [10 * s for s in range(3, 13)]   # a resume at step 3
   for s, b in got:
     _assert_same_batch(b, make(s // 10)[1])
+
+
+@dataclasses.dataclass
+class _FailsAt:
+  """A picklable `make` (worker processes) whose step `step` raises."""
+  step: int
+
+  def __call__(self, s: int) -> int:
+    if s == self.step:
+      raise DataError(f"bad batch {s}")
+    return s
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_raises_a_build_error_when_its_step_is_due(workers):
+  # built ahead (prefetch 4, groups of 2), but the steps before the bad one still arrive first
+  with loader.StepIterator(_FailsAt(5), 0, 9, workers=workers, group=2, prefetch=4) as it:
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match="bad batch 5"):
+      next(it)
 
 
 def test_loader_reraises_a_batch_error():

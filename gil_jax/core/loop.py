@@ -261,7 +261,7 @@ class Runner:
 
   def train_inputs(self, k: int, data: StageData, transforms, start: int, n: int):
     """Iterator of (step, device inputs) for steps start .. start+n-1 of stage k, built
-    `PREFETCH` steps ahead by the grain pipeline (`data/loader.py`; `config.data.workers`
+    `PREFETCH` steps ahead by the input pipeline (`data/loader.py`; `config.data.workers`
     processes, or a background thread).
 
     Batches stay a pure function of (seed, stage, step), so resuming at `start` is exact. With

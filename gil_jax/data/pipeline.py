@@ -15,7 +15,7 @@
   ``[p*B/P, (p+1)*B/P)`` only, reading only those cells. With ``n_shards > 1`` each shard's
   random choices (gene sampling, masks) come from ``default_rng([seed, stage, step, 1, shard])``,
   so a one-process run that builds all shards and concatenates them sees exactly the
-  multi-process global batch. The training loader (``loader.py``, grain) builds them ahead.
+  multi-process global batch. The training loader (``loader.py``) builds them ahead.
 """
 
 from __future__ import annotations
@@ -237,7 +237,15 @@ class LazyCSRRows:
       # a row never spans two chunks; float32 reduceat per row, as scipy's X.sum(axis=1)
       starts = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
       sums[owner[starts]] = np.add.reduceat(vals, starts)
-      nnz += np.bincount(cols[vals != 0], minlength=self.n_cols)
+      same_row = owner[1:] == owner[:-1]
+      if np.any((np.diff(cols) <= 0) & same_row):  # unsorted or duplicate entries: sum first
+        lo = int(owner.min())
+        m = sp.coo_matrix((vals, (owner - lo, cols)), shape=(int(owner.max()) - lo + 1,
+                                                              self.n_cols))
+        m.sum_duplicates()
+        nnz += np.bincount(m.col[m.data != 0], minlength=self.n_cols)
+      else:
+        nnz += np.bincount(cols[vals != 0], minlength=self.n_cols)
       col_sums += np.bincount(cols, weights=vals, minlength=self.n_cols)
     self._col_nnz = nnz
     return CSRScan(row_sums=sums, col_nnz=nnz, stats=stats, col_sums=col_sums)
