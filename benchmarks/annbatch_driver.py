@@ -85,9 +85,18 @@ def main(a) -> dict:
       n += x.shape[0]
     out[key] = round(n / (time.perf_counter() - t), 1)
   out["annbatch_chunk_size"], out["annbatch_preload_nchunks"] = a.chunk_size, a.preload_nchunks
-  out["annbatch_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                      1)
+  out["annbatch_peak_rss_mb"] = _peak_rss_mb()
   return out
+
+
+def _peak_rss_mb() -> float:
+  """This process's peak RSS (VmHWM: ru_maxrss would include the parent's RSS at fork)."""
+  try:
+    with open("/proc/self/status") as f:
+      kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+  except (OSError, StopIteration):
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return round(kb / 1024, 1)
 
 
 if __name__ == "__main__":
