@@ -178,7 +178,9 @@ class LazyCSRRows:
 
   def _open(self) -> h5py.File:
     try:
-      return h5py.File(self.path, "r")
+      # no HDF5 chunk cache: reads are whole runs of rows, and a 1 MiB cache per dataset per
+      # file is most of what an opened corpus file costs in memory (53 of 76 MB for 20 files)
+      return h5py.File(self.path, "r", rdcc_nbytes=0)
     except OSError as e:
       raise unreadable_file_error(self.path, e) from e
 
