@@ -103,6 +103,35 @@ def test_novelty_threshold_flags_constructed_outliers():
   assert val.unassigned[40:].all() and not val.unassigned[:40].any()
 
 
+def test_mahalanobis_rule_flags_cells_away_from_every_known_class():
+  rng = np.random.default_rng(0)
+  centres = np.array([[4.0, 0, 0, 0, 0, 0], [0, 4.0, 0, 0, 0, 0], [0, 0, 4.0, 0, 0, 0]])
+  scale = np.array([1.0, 1.0, 1.0, 0.2, 0.2, 0.2])   # correlated spread: not Euclidean
+  def cells(c, n):
+    return centres[c] + rng.normal(0, 1, (n, 6)) * scale
+  ref_labels = np.repeat([0, 1, 2], 100)
+  ref = np.concatenate([cells(c, 100) for c in range(3)])
+  val = np.concatenate([cells(c, 40) for c in range(3)])
+  active = np.array([True, True, True, False])
+  calib = novelty.calibrate_mahalanobis(ref, ref_labels, val, active, quantile=0.95)
+  json.dumps(calib)  # saved with the run for `annotate`
+  assert calib["classes"] == [0, 1, 2]
+  # the score is the smallest Mahalanobis distance to a class mean
+  P, mu = np.asarray(calib["precision"]), np.asarray(calib["means"])
+  brute = np.min([[(x - m) @ P @ (x - m) for m in mu] for x in val[:7]], axis=1)
+  np.testing.assert_allclose(novelty.mahalanobis_scores(val[:7], mu, P), brute, rtol=1e-6)
+  # a near type: between two known ones along the low-variance axes, where no known cell lies
+  near = centres[0] * 0.5 + centres[1] * 0.5 + np.array([0, 0, 0, 1.5, 1.5, 0])
+  novel = near + rng.normal(0, 1, (50, 6)) * scale
+  known_test = np.concatenate([cells(c, 50) for c in range(3)])
+  res = novelty.apply_calibration(None, active, calib, m=np.concatenate([known_test, novel]))
+  assert res.unassigned[150:].mean() > 0.9 and res.unassigned[:150].mean() < 0.15
+  with pytest.raises(ValueError, match="manifold vectors m"):
+    novelty.apply_calibration(None, active, calib)
+  with pytest.raises(ValueError, match=">= 2 known types"):
+    novelty.calibrate_mahalanobis(ref[:100], ref_labels[:100], val, active)
+
+
 def test_novelty_quantile_chosen_on_validation_by_leave_one_class_out():
   rng = np.random.default_rng(0)
   labs = np.repeat(np.arange(4), 40)
@@ -312,6 +341,22 @@ def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
   annotate.annotate_file(str(tmp / "run"), path, emb, embed_only=True)
   e = ad.read_h5ad(emb)
   assert "X_gil" in e.obsm and "gil_cell_type" not in e.obs
+
+
+def test_mahalanobis_rule_is_saved_and_applied_cell_by_cell(tmp_path):
+  path, a = _sim(tmp_path)
+  res = loop.train_annotation(_config(path, withhold=("type0",), novelty_rule="mahalanobis",
+                                      val_fraction=0.2), str(tmp_path / "run"))
+  assert res["annotation"]["novel"]["rule"] == "mahalanobis"
+  calib = annotate.load_run(str(tmp_path / "run"))[1]["novelty"]
+  assert calib["rule"] == "mahalanobis" and len(calib["classes"]) == 3  # type0 withheld
+  summary = annotate.annotate_file(str(tmp_path / "run"), path, str(tmp_path / "out.h5ad"))
+  r = ad.read_h5ad(str(tmp_path / "out.h5ad"))
+  assert summary["novelty_rule"] == "mahalanobis"
+  score = r.obs["gil_novelty_score"].to_numpy()
+  np.testing.assert_array_equal(r.obs["gil_novel"].to_numpy(), score > calib["threshold"])
+  part = annotate.Model(str(tmp_path / "run")).annotate(a[:25].copy())  # each cell on its own
+  np.testing.assert_array_equal(part.obs["gil_novel"].to_numpy(), r.obs["gil_novel"].to_numpy()[:25])
 
 
 def test_annotate_bad_inputs(trained, tmp_path):

@@ -277,7 +277,7 @@ class Model:
       names = np.asarray(self.classes + [UNASSIGNED], object)
       calib = self.meta.get("novelty") if novelty_rule == "run" else None
       if calib:  # the run's validation-rule constants: each cell on its own
-        nov = novelty.apply_calibration(out["logits"], active, calib)
+        nov = novelty.apply_calibration(out["logits"], active, calib, m=out["m"])
       else:  # CANAL's transductive rule on this query set
         c = config.canal
         nov = novelty.canal_rule(out["logits"], out["m"], self.state["params"]["head"], active,

@@ -36,6 +36,14 @@ def novelty_calibration(runner, state, stream: Stream, label_rows: np.ndarray,
         temperature=c.novelty_temperature, n_mix=c.novelty_mix,
         key=jax.random.PRNGKey(int(runner.config.seed)))
     return dict(calib, rule="canal_fixed", n_val_cells=int(len(val)), selection=None)
+  if c.novelty_rule == "mahalanobis":
+    # class statistics from every stage's training cells (the example bank alone, 300 cells
+    # chosen as the most typical, gave a poorer estimate: README, "Novelty")
+    ref = np.concatenate([s.train_cells for s in stream.stages])
+    ref_m = runner.predict(state.params, state.active_genes, state.active_classes, ref, c2r)["m"]
+    calib = novelty.calibrate_mahalanobis(ref_m, label_rows[ref], out["m"], active,
+                                          quantile=float(c.novelty_quantile))
+    return dict(calib, n_val_cells=int(len(val)), selection=None)
   quantile, selection = float(c.novelty_quantile), None
   if c.novelty_rule == "validation_auto":
     selection = novelty.select_quantile(logits, label_rows[val], active,
@@ -59,7 +67,8 @@ def detect_novel(config, state, out, calib: dict | None, key=None) -> novelty.No
   """CANAL's transductive rule (calib None or 'canal_fixed': the run's figures use CANAL's rule
   as published) or the saved validation-rule constants."""
   if calib is not None and calib.get("rule") != "canal_fixed":
-    return novelty.apply_calibration(out["logits"], np.asarray(state.active_classes), calib)
+    return novelty.apply_calibration(out["logits"], np.asarray(state.active_classes), calib,
+                                     m=out["m"])
   c = config.canal
   return novelty.canal_rule(out["logits"], out["m"], state.params["head"],
                             np.asarray(state.active_classes), temperature=c.novelty_temperature,

@@ -6,7 +6,13 @@ per cell (scalar λ ~ U(0,1), random partner from the same query set); u > τ �
 The rule is transductive (min-max over the query set). Alternative rule 'validation': energies
 normalised with the min/max of held-out validation cells of known types, τ = their q-quantile
 (q = config.canal.novelty_quantile). Rule 'validation_auto' picks q on validation cells only
-(`select_quantile`: leave-one-class-out pseudo-novelty), never on test cells.
+(`select_quantile`: leave-one-class-out pseudo-novelty), never on test cells. Rule
+'mahalanobis' scores a cell in feature space instead of by its logits: the smallest Mahalanobis
+distance of its manifold vector m to a known class's mean (means and one pooled covariance from
+the training cells of every stage, embedded by the final model), threshold
+at the q-quantile of the validation cells' scores (q = config.canal.novelty_quantile). A type the
+head has never seen is often assigned confidently to a neighbouring type, yet sits away from that
+type's cells in m.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 
 from gil_jax.canal import head as head_lib
 
-RULES = ("canal", "validation", "validation_auto")
+RULES = ("canal", "validation", "validation_auto", "mahalanobis")
 QUANTILE_GRID = (0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
 
 
@@ -128,8 +134,53 @@ def calibrate_canal(val_logits: np.ndarray, val_m: np.ndarray, head: dict, activ
           "quantile": None, "temperature": float(temperature)}
 
 
-def apply_calibration(logits: np.ndarray, active: np.ndarray, calib: dict) -> Novelty:
-  """u of query cells normalised with the saved validation constants; u > τ ⇒ Unassigned."""
+def mahalanobis_scores(m: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+  """float[N]: min over classes of (m − μ_k)ᵀ P (m − μ_k), as xᵀPx − 2 xᵀPμ + μᵀPμ ([N, K] at
+  most in memory)."""
+  m = np.asarray(m, np.float64)
+  means, precision = np.asarray(means, np.float64), np.asarray(precision, np.float64)
+  mp = m @ precision
+  d = (np.sum(mp * m, 1)[:, None] - 2.0 * mp @ means.T
+       + np.sum((means @ precision) * means, 1)[None, :])
+  return np.maximum(d.min(1), 0.0)
+
+
+def calibrate_mahalanobis(ref_m: np.ndarray, ref_labels: np.ndarray, val_m: np.ndarray,
+                          active: np.ndarray, *, quantile: float = 0.95,
+                          ridge: float = 1e-3) -> dict:
+  """The 'mahalanobis' rule's constants: per known class the mean of the reference cells' m, the
+  inverse of their pooled within-class covariance (plus `ridge` × its mean variance on the
+  diagonal), and τ = the `quantile` of the validation cells' scores. JSON-able."""
+  ref_m, ref_labels = np.asarray(ref_m, np.float64), np.asarray(ref_labels)
+  classes = [int(c) for c in np.flatnonzero(np.asarray(active, bool)) if np.any(ref_labels == c)]
+  if len(classes) < 2:
+    raise ValueError(f"the mahalanobis novelty rule needs reference cells of >= 2 known types, "
+                     f"found {len(classes)}; use novelty_rule='validation' or 'canal'.")
+  keep = np.isin(ref_labels, classes)
+  ref_m, ref_labels = ref_m[keep], ref_labels[keep]
+  means = np.stack([ref_m[ref_labels == c].mean(0) for c in classes])
+  centred = ref_m - means[np.searchsorted(classes, ref_labels)]
+  cov = centred.T @ centred / max(1, len(centred) - len(classes))
+  cov += ridge * max(float(np.trace(cov)) / len(cov), 1e-12) * np.eye(len(cov))
+  precision = np.linalg.inv(cov)
+  val_scores = mahalanobis_scores(val_m, means, precision)
+  tau = float(np.quantile(val_scores, quantile))
+  return {"rule": "mahalanobis", "classes": classes, "means": means.tolist(),
+          "precision": precision.tolist(), "threshold": tau, "quantile": float(quantile),
+          "n_reference_cells": int(len(ref_m))}
+
+
+def apply_calibration(logits: np.ndarray, active: np.ndarray, calib: dict,
+                      m: np.ndarray | None = None) -> Novelty:
+  """Query cells scored with the saved constants, each cell on its own; score > τ ⇒
+  Unassigned. The validation rules: u normalised with the validation energy range; rule
+  'mahalanobis': the distance of the cells' manifold vectors `m` to the known class means."""
+  if calib.get("rule") == "mahalanobis":
+    if m is None:
+      raise ValueError("the mahalanobis novelty rule needs the cells' manifold vectors m.")
+    score = mahalanobis_scores(m, calib["means"], calib["precision"])
+    return Novelty(score=score, unassigned=score > calib["threshold"],
+                   threshold=calib["threshold"])
   e, conf = _stats(logits, active, calib["temperature"])
   u = uncertainty(_minmax(e, calib["energy_min"], calib["energy_max"]), conf)
   return Novelty(score=u, unassigned=u > calib["threshold"], threshold=calib["threshold"])
