@@ -37,8 +37,25 @@ def _init_worker(make: Callable[[int], Any]) -> None:
   _MAKE = make
 
 
-def _build_steps(lo: int, hi: int) -> list:
-  return [_MAKE(s) for s in range(lo, hi)]
+def _build(make: Callable[[int], Any], lo: int, hi: int) -> tuple[list, BaseException | None]:
+  """(items of steps lo.. until the first failure, that failure or None): the steps before a
+  bad one in the same group still arrive."""
+  out = []
+  for s in range(lo, hi):
+    try:
+      out.append(make(s))
+    except Exception as e:  # noqa: BLE001 (re-raised by the consumer when step s is due)
+      return out, e
+  return out, None
+
+
+def _build_in_worker(lo: int, hi: int) -> tuple[list, BaseException | None]:
+  return _build(_MAKE, lo, hi)
+
+
+class _Failed:
+  def __init__(self, error: BaseException):
+    self.error = error
 
 
 class StepIterator:
@@ -53,12 +70,12 @@ class StepIterator:
           initargs=(make,))
       self._units = collections.deque((lo, min(end, lo + group))
                                       for lo in range(start, end, group))
-      self._submit = lambda u: self._pool.submit(_build_steps, *u)
+      self._submit = lambda u: self._pool.submit(_build_in_worker, *u)
       ahead = workers * max(1, prefetch)
     else:
       self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="batches")
       self._units = collections.deque((s, s + 1) for s in range(start, end))
-      self._submit = lambda u: self._pool.submit(lambda lo: [make(lo)], u[0])
+      self._submit = lambda u: self._pool.submit(_build, make, *u)
       ahead = max(1, prefetch)
     self._post = post
     self._post_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="post") if post else None
@@ -81,13 +98,18 @@ class StepIterator:
       fut = self._building.popleft()
       self._fill()
       try:
-        self._items.extend(fut.result())
-      except BaseException as e:  # raised in order, when this step is due
-        self._failed = True
-        done: cf.Future = cf.Future()
-        done.set_exception(e)
-        return done
+        items, error = fut.result()
+      except BaseException as e:  # the pool itself failed (e.g. a worker process died)
+        items, error = [], e
+      self._items.extend(items)
+      if error is not None:  # raised in order, when its step is due
+        self._items.append(_Failed(error))
     item = self._items.popleft()
+    if isinstance(item, _Failed):
+      self._failed = True
+      done: cf.Future = cf.Future()
+      done.set_exception(item.error)
+      return done
     if self._post_pool is not None:
       return self._post_pool.submit(self._post, item)
     done = cf.Future()
