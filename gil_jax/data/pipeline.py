@@ -48,6 +48,12 @@ class CSRScan:
   col_sums: np.ndarray | None = None  # float64[genes]: sum of the stored values
 
 
+def _sorted_within_rows(owner: np.ndarray, cols: np.ndarray) -> bool:
+  """Whether each row's columns strictly increase (no unsorted or duplicate entry); `owner`
+  is each entry's row, entries grouped by row."""
+  return not np.any((np.diff(cols) <= 0) & (owner[1:] == owner[:-1]))
+
+
 class LazyCSRRows:
   """Row access to an on-disk CSR matrix (an `.h5ad` group with data/indices/indptr).
 
@@ -146,18 +152,17 @@ class LazyCSRRows:
     row_run = np.empty(len(rows), np.int64)
     row_run[order] = np.cumsum(new_run) - 1
     offset = starts - lo[row_run] + base[row_run]      # each row's first entry in data/idx
-    total = int(counts.sum())
-    if total == len(data) and np.array_equal(offset, np.r_[0, np.cumsum(counts)[:-1]]):
+    indptr = np.r_[0, np.cumsum(counts)]
+    if indptr[-1] == len(data) and np.array_equal(offset, indptr[:-1]):
       take = slice(None)  # the rows are exactly the run(s), in file order: no gather
     else:
-      take = np.arange(total) + np.repeat(offset - np.r_[0, np.cumsum(counts)[:-1]], counts)
+      take = np.arange(indptr[-1]) + np.repeat(offset - indptr[:-1], counts)
     data, idx = data[take].astype(np.float32, copy=False), idx[take].astype(np.int32, copy=False)
     # as the in-memory reader stores a matrix: duplicates summed, explicit zeros dropped (the
     # scipy passes run only when a check finds either)
-    new_row = np.zeros(len(idx), bool)
-    new_row[np.r_[0, np.cumsum(counts)[:-1]][counts > 0]] = True
-    if (np.any((np.diff(idx) <= 0) & ~new_row[1:]) or not np.all(data)):
-      m = sp.csr_matrix((data, idx, np.r_[0, np.cumsum(counts)]), shape=(len(rows), self.n_cols))
+    owner = np.repeat(np.arange(len(rows)), counts)
+    if not _sorted_within_rows(owner, idx) or not np.all(data):
+      m = sp.csr_matrix((data, idx, indptr), shape=(len(rows), self.n_cols))
       m.sum_duplicates()
       m.eliminate_zeros()
       counts, idx, data = np.diff(m.indptr).astype(np.int64), m.indices, m.data
@@ -239,8 +244,7 @@ class LazyCSRRows:
       # a row never spans two chunks; float32 reduceat per row, as scipy's X.sum(axis=1)
       starts = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
       sums[owner[starts]] = np.add.reduceat(vals, starts)
-      same_row = owner[1:] == owner[:-1]
-      if np.any((np.diff(cols) <= 0) & same_row):  # unsorted or duplicate entries: sum first
+      if not _sorted_within_rows(owner, cols):  # unsorted or duplicate entries: sum first
         lo = int(owner.min())
         m = sp.coo_matrix((vals, (owner - lo, cols)), shape=(int(owner.max()) - lo + 1,
                                                               self.n_cols))
