@@ -188,5 +188,8 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
       novelty_quantile=0.95, min_shared_genes=50,
       # train on these genes only: an .h5ad (its var_names) or a text file of ids; '' = all.
       # E.g. the query study's file, so that the model learns from the genes it will see.
-      gene_panel=""))
+      gene_panel="",
+      # a logistic regression on the cell's expression profile added to the logits
+      # (gil_jax/canal/head.py: gene_linear_logits)
+      gene_linear=False))
   return c

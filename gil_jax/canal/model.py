@@ -33,7 +33,8 @@ def init_params(backbone, config: ml_collections.ConfigDict, key) -> dict:
                                                 b.token_mask, b.pred_mask, False),
                        bparams)["cell_emb"].shape[-1]
   return {"backbone": bparams,
-          "head": head_lib.init_head(kh, emb, (c.hidden1, c.hidden2), c.max_classes)}
+          "head": head_lib.init_head(kh, emb, (c.hidden1, c.hidden2), c.max_classes,
+                                     backbone.capacity if c.gene_linear else 0)}
 
 
 def _block_names(bparams: dict) -> list[str]:
