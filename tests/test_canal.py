@@ -46,6 +46,55 @@ def test_inactive_classes_have_zero_probability_and_old_logits_unchanged():
   assert np.all(p2[:, 3:5] > 0) and np.all(p2[:, 5:] == 0.0)
 
 
+def _linear_batch(values, gene_ids, token_mask):
+  from gil_jax.batch import empty_batch
+  b = empty_batch(*values.shape)
+  return b.replace(gene_ids=gene_ids, values=values, targets=values, token_mask=token_mask,
+                   cell_mask=np.ones(values.shape[0], bool))
+
+
+def test_gene_linear_path_uses_values_is_scale_free_and_leaves_unseen_rows_alone():
+  rng = np.random.default_rng(0)
+  cap, classes = 12, 5
+  table = jnp.asarray(rng.normal(size=(cap, classes)), jnp.float32)
+  gene_ids = np.tile(np.arange(6, dtype=np.int32), (3, 1))
+  token_mask = np.ones((3, 6), bool)
+  token_mask[0, 4:] = False
+  values = rng.uniform(0.5, 3.0, size=(3, 6)).astype(np.float32)
+  active = np.zeros(cap, bool)
+  active[:5] = True  # gene 5 is not active: ignored like padding
+  z = head.gene_linear_logits(table, _linear_batch(values, gene_ids, token_mask), active)
+  changed = values.copy()
+  changed[:, 1] *= 4.0
+  z_changed = head.gene_linear_logits(table, _linear_batch(changed, gene_ids, token_mask), active)
+  assert float(jnp.min(jnp.max(jnp.abs(z_changed - z), axis=-1))) > 0.1  # values are used
+  z_scaled = head.gene_linear_logits(table, _linear_batch(values * 1.4427, gene_ids, token_mask),
+                                     active)  # ln -> log2 units: the same profile
+  np.testing.assert_allclose(np.asarray(z_scaled), np.asarray(z), rtol=1e-5, atol=1e-5)
+  masked = values.copy()
+  masked[0, 4:] = 100.0  # padding and an inactive gene carry no weight
+  masked[:, 5] = 100.0
+  np.testing.assert_allclose(
+      np.asarray(head.gene_linear_logits(table, _linear_batch(masked, gene_ids, token_mask),
+                                         active)), np.asarray(z), rtol=1e-5, atol=1e-5)
+  grad = jax.grad(lambda t: jnp.sum(head.gene_linear_logits(
+      t, _linear_batch(values, gene_ids, token_mask), active)))(table)
+  assert np.all(np.asarray(grad)[5:] == 0.0) and np.all(np.abs(np.asarray(grad)[:5]) > 0)
+
+
+def test_gene_linear_table_is_zero_and_sized_by_the_gene_table(tmp_path):
+  from gil_jax.canal.model import init_params
+  from gil_jax.models import build_model
+  config = _config(_sim(tmp_path), gene_linear=True)
+  backbone = build_model(config.model, config.genes.capacity, "mse")
+  params = init_params(backbone, config, jax.random.PRNGKey(0))
+  table = np.asarray(params["head"]["gene_linear"])
+  assert table.shape == (config.genes.capacity, config.canal.max_classes)
+  assert np.all(table == 0.0)
+  config.canal.gene_linear = False
+  assert "gene_linear" not in init_params(backbone, config, jax.random.PRNGKey(0))["head"]
+
+
 def test_smoothed_ce_uses_only_active_classes():
   z = jnp.zeros((1, 6))
   active = jnp.array([True, True, False, False, False, False])
@@ -344,11 +393,16 @@ def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
 
 
 def test_mahalanobis_rule_is_saved_and_applied_cell_by_cell(tmp_path):
+  """(With the gene-linear head path on, so that it goes through training and `annotate`.)"""
   path, a = _sim(tmp_path)
   res = loop.train_annotation(_config(path, withhold=("type0",), novelty_rule="mahalanobis",
-                                      val_fraction=0.2), str(tmp_path / "run"))
+                                      val_fraction=0.2, gene_linear=True), str(tmp_path / "run"))
   assert res["annotation"]["novel"]["rule"] == "mahalanobis"
-  calib = annotate.load_run(str(tmp_path / "run"))[1]["novelty"]
+  state, meta = annotate.load_run(str(tmp_path / "run"))
+  calib = meta["novelty"]
+  table = np.asarray(state["params"]["head"]["gene_linear"])
+  trained_rows = np.any(table != 0, axis=1)  # the genes' rows learn; padding rows stay 0
+  assert 0 < trained_rows.sum() <= a.n_vars < table.shape[0]
   assert calib["rule"] == "mahalanobis" and len(calib["classes"]) == 3  # type0 withheld
   summary = annotate.annotate_file(str(tmp_path / "run"), path, str(tmp_path / "out.h5ad"))
   r = ad.read_h5ad(str(tmp_path / "out.h5ad"))
@@ -357,6 +411,8 @@ def test_mahalanobis_rule_is_saved_and_applied_cell_by_cell(tmp_path):
   np.testing.assert_array_equal(r.obs["gil_novel"].to_numpy(), score > calib["threshold"])
   part = annotate.Model(str(tmp_path / "run")).annotate(a[:25].copy())  # each cell on its own
   np.testing.assert_array_equal(part.obs["gil_novel"].to_numpy(), r.obs["gil_novel"].to_numpy()[:25])
+  np.testing.assert_allclose(part.obsm["gil_probabilities"], r.obsm["gil_probabilities"][:25],
+                             atol=1e-5)
 
 
 def test_annotate_bad_inputs(trained, tmp_path):
