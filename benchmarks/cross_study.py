@@ -1,7 +1,8 @@
 """Cross-study annotation: leave one study out, train on the others, annotate the held-out study.
 
   python benchmarks/cross_study.py --data_dir ../shared/data --out runs/cross_study \
-      [--seeds 0,1,2] [--modes joint,canal] [--tissues pancreas,pbmc] [--quick]
+      [--seeds 0,1,2] [--modes joint,canal] [--tissues pancreas,pbmc] [--quick] \
+      [--config.a.b=value ...]   # applied to every run's CANAL config
 
 Studies (the shared .h5ad files, grouped by the study their cells come from, found from the cell
 names: the Cepo file's three batches are Baron (inDrop), Segerstolpe (Smart-seq2) and Lawlor
@@ -55,6 +56,7 @@ import numpy as np  # noqa: E402
 
 from configs import canal_pancreas, canal_pbmc  # noqa: E402
 from configs.canal_pancreas import _src  # noqa: E402
+from gil_jax import guards  # noqa: E402
 from gil_jax.tasks import annotation  # noqa: E402
 from gil_jax.eval.report import markdown_table  # noqa: E402
 
@@ -339,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
                  help="only tabulate the finished runs under --out; train nothing")
   p.add_argument("--quick", action="store_true",
                  help="smoke test: first seed, 1 epoch per stage, first two studies per tissue")
-  args = p.parse_args(argv)
+  args, overrides = p.parse_known_args(argv)
+  for tissue in PARTS:  # --config.a.b=value applies to every run; checked before any training
+    try:
+      guards.apply_overrides(BASE[tissue](), overrides)
+    except guards.ConfigError as e:
+      p.error(str(e))
   command = " ".join(["python benchmarks/cross_study.py"] +
                      list(argv if argv is not None else sys.argv[1:]))
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -374,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
               config.batch.value_scale = args.value_scale
             if args.gene_linear:
               config.canal.gene_linear = True
+            guards.apply_overrides(config, overrides)
             if args.gene_panel == "query":
               config.canal.gene_panel = query_panel(tissue, study, paths, tmp)
             workdir = os.path.join(args.out, "runs", tissue, mode, f"seed{seed}", study)

@@ -122,7 +122,6 @@ def check_overrides(config, argv: list[str]) -> None:
 def load_config(path: str, overrides: list[str] = ()):
   """get_config() of a config file, locked, with `--config.a.b=value` overrides; ConfigError
   (one line) for a missing file, an unknown field or a value of the wrong type."""
-  import ast
   import importlib.util
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path!r}")
@@ -134,6 +133,13 @@ def load_config(path: str, overrides: list[str] = ()):
   spec.loader.exec_module(mod)
   config = mod.get_config()
   config.lock()
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: list[str] = ()):
+  """`config` with `--config.a.b=value` overrides applied (values parsed by the field's type);
+  ConfigError (one line) for an unknown field or a value of the wrong type."""
+  import ast
   for item in overrides:
     if not item.startswith("--config.") or "=" not in item:
       raise ConfigError(f"unexpected argument {item!r}; overrides look like --config.a.b=value")
