@@ -111,6 +111,9 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.stages.base_stage = True        # paper protocol: a base-genes-only stage 0 on half the cells
   c.stages.base_fraction = 0.6      # share of genes in the base set B (random plan)
   c.stages.eval_fraction = 0.1      # held-out cells for gene-wise regression
+  # True: the held-out (test) cells are dropped and eval_fraction of each stage's training
+  # cells is held out instead (validation), to choose a recipe without touching the test cells
+  c.stages.validation = False
   c.stages.obs_column = ""          # partition cells by this obs column instead of ratios
   c.stages.order = ()               # tuple of datasets / obs values, in stage order
   # plan 'crucial' (GIL paper benchmark): T_k = top-K genes of downstream dataset k (see

@@ -131,6 +131,8 @@ def build_plan(config: ml_collections.ConfigDict, data: anndata_io.CellData) -> 
   else:
     raise ValueError(f"unknown config.stages.plan {s.plan!r}; known: random, expressed, "
                      "modules, dataset_stream, crucial")
+  if s.validation:
+    plan = stages.validation_plan(plan, s.eval_fraction, config.seed)
   plan.check(data)
   return plan
 

@@ -8,7 +8,7 @@ import pytest
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.simulate import SimConfig, simulate_cell_data
 from gil_jax.data.stages import (Stage, StagePlan, dataset_stream_plan, eval_columns,
-                                 explicit_plan, random_gene_plan, stage_columns)
+                                 explicit_plan, random_gene_plan, stage_columns, validation_plan)
 from gil_jax.data.vocab import GeneVocab
 
 
@@ -39,6 +39,25 @@ def test_random_plan_protocol(data):
   assert np.intersect1d(train, plan.eval_cells).size == 0
   assert len(plan.eval_cells) == 80 and len(train) == 720
   assert len(base.train_cells) == 360 and [len(s.train_cells) for s in inc] == [120, 120, 120]
+
+
+def test_validation_plan_never_touches_the_test_cells(data):
+  plan = random_gene_plan(data, n_stages=2, base_fraction=0.5, eval_fraction=0.1, seed=0)
+  val = validation_plan(plan, 0.1, seed=0)
+  val.check(data)
+  train = np.concatenate([s.train_cells for s in val.stages])
+  assert np.intersect1d(plan.eval_cells, train).size == 0  # test cells: neither trained on
+  assert np.intersect1d(plan.eval_cells, val.eval_cells).size == 0  # nor evaluated on
+  assert np.intersect1d(val.eval_cells, train).size == 0
+  for before, after in zip(plan.stages, val.stages):  # each stage gives ~10 % of its cells
+    held = np.intersect1d(before.train_cells, val.eval_cells)
+    assert len(held) == round(0.1 * len(before.train_cells))
+    np.testing.assert_array_equal(np.sort(np.concatenate([after.train_cells, held])),
+                                  np.sort(before.train_cells))
+    assert after.train_genes == before.train_genes
+  np.testing.assert_array_equal(validation_plan(plan, 0.1, seed=0).eval_cells, val.eval_cells)
+  with pytest.raises(DataError, match="config.stages.validation"):
+    validation_plan(plan, 0.0, seed=0)
 
 
 def test_plan_deterministic_and_seeded(data):

@@ -112,6 +112,22 @@ def _eval_split(n_cells: int, eval_fraction: float, rng: np.random.Generator,
   return np.flatnonzero(is_eval), perm[~is_eval[perm]]
 
 
+def validation_plan(plan: StagePlan, fraction: float, seed: int) -> StagePlan:
+  """`plan` for choosing a recipe without touching its test cells: they are dropped, and a
+  `fraction` of each stage's training cells (drawn with `seed`) becomes the held-out set that
+  every figure is then computed on; the stages train on the rest."""
+  if not 0.0 < fraction < 1.0:
+    raise DataError(f"eval_fraction={fraction} must be in (0, 1) to carve validation cells "
+                    "(config.stages.eval_fraction with config.stages.validation=True).")
+  rng = np.random.default_rng([seed, 977])
+  val = np.concatenate([rng.permutation(s.train_cells)[:int(round(fraction * len(s.train_cells)))]
+                        for s in plan.stages])
+  val = np.unique(val)
+  kept = [dataclasses.replace(s, train_cells=s.train_cells[~np.isin(s.train_cells, val)])
+          for s in plan.stages]
+  return dataclasses.replace(plan, stages=kept, eval_cells=val)
+
+
 def _ratio_split(pool: np.ndarray, ratios: Sequence[float]) -> list[np.ndarray]:
   """Consecutive chunks of `pool`; rounding remainder goes to the first stages (as the paper)."""
   ratios = np.asarray(ratios, np.float64)

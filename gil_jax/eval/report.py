@@ -132,11 +132,12 @@ def write_outputs(workdir: str, results: dict) -> None:
            f"Method: `{results.get('method', '?')}`. Average forgetting Δ (stage-specific "
            f"genes): **{_fmt(avg)}**.", "",
            "## Stages", "", stage_table(results), "",
-           "## Gene-wise regression (masked MSE on each stage's genes, held-out cells)", "",
+           f"## Gene-wise regression (masked MSE on each stage's genes, held-out "
+           f"{results.get('eval_split', 'test')} cells)", "",
            regression_table(results), "",
            "### Beside the trivial predictors (same held-out cells and hidden tokens)", "",
-           "Gene statistics from all training cells of the plan; ratio < 1: the model is "
-           "better than every trivial predictor.", "",
+           "Gene statistics from the training cells of the stages trained so far; ratio < 1: the "
+           "model is better than every trivial predictor.", "",
            baseline_table(results), "",
            "![gene-wise regression](gene_regression.png)", "", "![forgetting](forgetting.png)", ""]
   for extra in results.get("report_sections", []):

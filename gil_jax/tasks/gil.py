@@ -138,6 +138,7 @@ class Runner(loop.Runner):
   def new_results(self) -> dict:
     n = len(self.plan.stages)
     return {"experiment": self.config.experiment, "method": self.config.method,
+            "eval_split": "validation" if self.config.stages.validation else "test",
             "versions": integrity.package_versions(),
             "transforms": registry.transform_names(self.config), "stages": [],
             "gene_regression": {"stage_names": self.stage_names,
