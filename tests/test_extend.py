@@ -115,7 +115,7 @@ def test_extend_errors_before_training(canal_files, tmp_path, capsys):
   assert code == 2 and "no checkpoints" in capsys.readouterr().err
 
 
-def test_extended_gil_run_gains_a_stage_and_grows_the_gene_table(tmp_path):
+def test_extended_gil_run_gains_a_stage_and_grows_the_gene_table(tmp_path, capsys):
   old, _ = sim_h5ad(tmp_path, "a.h5ad", n_genes=64)
   new, _ = sim_h5ad(tmp_path, "b.h5ad", n_genes=80, seed=3)
   # 64 genes fill a 72-row table: the 16 new genes grow it (gil_jax/surgery.py) to 256 rows
@@ -124,6 +124,9 @@ def test_extended_gil_run_gains_a_stage_and_grows_the_gene_table(tmp_path):
   workdir = str(tmp_path / "gil")
   before = gil_jax.train(c, workdir, progress_bar=False)
   n = len(before["gene_regression"]["matrix"])
+  assert cli.main(["extend", "--workdir", workdir, "--data", new, "--quiet",
+                   "--config.stages.validation=True"]) != 0  # refused, nothing trained
+  assert "stages.validation: False -> True" in capsys.readouterr().err
   # through the command line, with a training override for the new stage
   assert cli.main(["extend", "--workdir", workdir, "--data", new, "--quiet",
                    "--config.train.steps_per_stage=4"]) == 0

@@ -6,7 +6,7 @@ of the padded label space). Rows of classes that are not active are masked out o
 adding a class flips a mask entry: no shape changes, no recompilation, old rows untouched.
 
 Optional gene-linear path (``config.canal.gene_linear``): logits += sum_g w_g · U[g], with
-w_g = v_g / sum of the cell's visible values (its expression profile over the genes it
+w_g = v_g / the mean of the cell's visible values (its expression profile over the genes it
 measures, invariant to a study's multiplicative value scale, e.g. log2 vs ln) and U a
 zero-initialised [gene capacity, class capacity] table in the head: a multinomial logistic
 regression on the cell's values beside the deep path. Rows of genes never seen stay 0 (no
@@ -60,7 +60,7 @@ def from_manifold(head: dict, m: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]
 
 
 def gene_linear_logits(table: jnp.ndarray, batch: Batch, active_genes: jnp.ndarray) -> jnp.ndarray:
-  """[B, capacity]: sum over a cell's visible tokens of (v / the cell's value sum) · U[gene]."""
+  """[B, capacity]: sum over a cell's visible tokens of (v / the cell's mean v) · U[gene]."""
   ids = jnp.clip(batch.gene_ids, 0, table.shape[0] - 1)
   seen = objectives.effective_token_mask(batch, active_genes)
   v = jnp.where(seen, jnp.maximum(batch.targets, 0.0), 0.0)

@@ -288,6 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         else:
           plan = stages.StagePlan.from_json(meta["plan"])
         if latest is not None and extending:
+          if config.stages.validation:
+            raise ValueError("config.stages.validation=True holds out training cells to choose "
+                             "a recipe on a fresh run; extend a run trained without it.")
           n_run = int((meta.get("data") or {}).get("n_cells") or data.n_cells)
           known = meta.get("datasets") or [data.dataset_names[i] for i in
                                            np.unique(data.dataset_index[:n_run])]
