@@ -334,9 +334,6 @@ def main(argv: list[str] | None = None) -> int:
                       "are fitted on the shared genes")
   p.add_argument("--value_scale", default="", choices=("", "none", "cell_rank"),
                  help="config.batch.value_scale of the model ('' = the config's)")
-  p.add_argument("--gene_linear", action="store_true",
-                 help="config.canal.gene_linear: add the head's gene-linear path (a logistic "
-                      "regression on each cell's expression profile) to the model's logits")
   p.add_argument("--aggregate_only", action="store_true",
                  help="only tabulate the finished runs under --out; train nothing")
   p.add_argument("--quick", action="store_true",
@@ -379,8 +376,6 @@ def main(argv: list[str] | None = None) -> int:
             config = make_config(tissue, study, mode, seed, paths, epochs)
             if args.value_scale:
               config.batch.value_scale = args.value_scale
-            if args.gene_linear:
-              config.canal.gene_linear = True
             guards.apply_overrides(config, overrides)
             if args.gene_panel == "query":
               config.canal.gene_panel = query_panel(tissue, study, paths, tmp)

@@ -61,12 +61,11 @@ def from_manifold(head: dict, m: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]
 
 def gene_linear_logits(table: jnp.ndarray, batch: Batch, active_genes: jnp.ndarray) -> jnp.ndarray:
   """[B, capacity]: sum over a cell's visible tokens of (v / the cell's mean v) · U[gene]."""
-  ids = jnp.clip(batch.gene_ids, 0, table.shape[0] - 1)
   seen = objectives.effective_token_mask(batch, active_genes)
   v = jnp.where(seen, jnp.maximum(batch.targets, 0.0), 0.0)
   n = jnp.sum(seen, axis=-1, keepdims=True)
   w = v * n / jnp.maximum(jnp.sum(v, axis=-1, keepdims=True), 1e-6)
-  return jnp.einsum("bn,bnc->bc", w, table[ids])
+  return jnp.einsum("bn,bnc->bc", w, table[batch.gene_ids])
 
 
 def mask_logits(logits: jnp.ndarray, active: jnp.ndarray) -> jnp.ndarray:
