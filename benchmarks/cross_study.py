@@ -77,8 +77,8 @@ PARTS = {
         "cepo_b1": ("pancreas_3batch_Cepo", "cellTypes", "log1p_cp10k", "", ("batch", "batch 1")),
         "cepo_b4": ("pancreas_3batch_Cepo", "cellTypes", "log1p_cp10k", "", ("batch", "batch 4")),
         "cepo_b5": ("pancreas_3batch_Cepo", "cellTypes", "log1p_cp10k", "", ("batch", "batch 5")),
-        "xin": ("pancreas_xin_scClassify", "cell_type", "none", "", None),
-        "wang": ("pancreas_wang_scClassify", "cell_type", "none", "", None),
+        "xin": ("pancreas_xin_scClassify", "cell_type", "from_log2_cpm", "", None),
+        "wang": ("pancreas_wang_scClassify", "cell_type", "from_log2_cpm", "", None),
     },
     "pbmc": {
         "symphony": ("pbmc_3chem_symphony", "cell_type", "log1p_cp10k", "", None),

@@ -2,8 +2,10 @@
 
 Stages: panc8 (bbknnR subset) split by technology (celseq, celseq2, fluidigmc1, indrop,
 smartseq2), then Baron (CIDER subset, human+mouse: adds activated_stellate, macrophage), then Xin
-(adds gamma). Wang is test-only (never trained on). Per-source normalisation: panc8 'lognorm'
-layer and Xin/Wang are log-normalised ('none'); Baron holds counts (log1p CP10k).
+(adds gamma). Wang is test-only (never trained on). Per-source normalisation: panc8's 'lognorm'
+layer is ln(1 + CP10k) already ('none'); Baron holds counts ('log1p_cp10k'); Xin and Wang hold
+log2(1 + CPM) values (up to 18.5; each cell's 2^v - 1 sums to <= 1e6), converted to ln(1 + CP10k)
+('from_log2_cpm').
 Run: python -m gil_jax.cli train --config configs/canal_pancreas.py --workdir runs/canal_pancreas
 Baselines: --config.method=finetune|replay|distill|lwf|ewc|joint. Novelty setting:
 configs/canal_novelty.py.
@@ -34,8 +36,8 @@ def get_config():
                  split_column="tech",
                  split_values=("celseq", "celseq2", "fluidigmc1", "indrop", "smartseq2")),
       baron=_src("pancreas_baron_hs_mm_CIDER", "Group", "log1p_cp10k"),
-      xin=_src("pancreas_xin_scClassify", "cell_type", "none"),
-      wang=_src("pancreas_wang_scClassify", "cell_type", "none"),
+      xin=_src("pancreas_xin_scClassify", "cell_type", "from_log2_cpm"),
+      wang=_src("pancreas_wang_scClassify", "cell_type", "from_log2_cpm"),
   ))
   c.canal.test_only = ("wang",)
   c.canal.stage_order = ("panc8:celseq", "panc8:celseq2", "panc8:fluidigmc1", "panc8:indrop",

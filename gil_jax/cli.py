@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# gil_jax.data.batching.NORMALISATIONS, written out so the CLI starts without importing jax
+NORMALISATIONS = ("log1p_cp10k", "log1p", "none", "from_log2_cpm")
+
 
 def define_train_flags(fv, argv: list[str] | None = None) -> None:
   """The flags of a training run (`gil-jax train`, `launch.py`) on the absl FlagValues `fv`;
@@ -157,9 +160,9 @@ def _extend(argv: list[str]) -> int:
                  help="an .h5ad file to append as a stage (repeat for several)")
   p.add_argument("--label-key", default="", help="annotation runs: obs column with cell types "
                  "(default: the run's config.data.label_column)")
-  p.add_argument("--normalisation", default="auto", choices=("auto", "log1p_cp10k", "log1p",
-                                                              "none"),
-                 help="annotation runs: auto = log1p_cp10k for integer counts, else none")
+  p.add_argument("--normalisation", default="auto", choices=("auto", *NORMALISATIONS),
+                 help="annotation runs: auto = log1p_cp10k for integer counts, none for "
+                 "ln(1 + CP10k) values, from_log2_cpm for log2(1 + CPM) values")
   p.add_argument("--layer", default="", help="annotation runs: layer with the values ('' = X)")
   p.add_argument("--data-dir", default=None,
                  help="config.data.data_dir of the run (only for runs that did not save it)")
@@ -259,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer", default="", help="layer holding the values ('' = X)")
     p.add_argument("--gene-column", default="", help="var column with gene ids ('' = var_names)")
     p.add_argument("--normalisation", default="auto",
-                   choices=("auto", "log1p_cp10k", "log1p", "none"),
-                   help="auto: log1p_cp10k for integer counts, else none (pre-normalised)")
+                   choices=("auto", *NORMALISATIONS),
+                   help="auto: log1p_cp10k for integer counts, none for ln(1 + CP10k) values, "
+                   "from_log2_cpm for log2(1 + CPM) values")
     p.add_argument("--min-shared-genes", type=int, default=None,
                    help="fail when fewer query genes are in the vocabulary "
                         "(default: config.canal.min_shared_genes of the run)")

@@ -4,6 +4,7 @@ Small files are written into tmp_path from simulated data; no shared data needed
 """
 
 import json
+import types
 
 import anndata as ad
 import numpy as np
@@ -222,3 +223,44 @@ def test_lazy_crucial_top_genes_match(sim_file):
   ds = read_h5ad(sim_file, obs_columns=["cell_type"])
   assert downstream.top_genes(lazy, ds, 10, "log1p_cp10k") == \
       downstream.top_genes(eager, ds, 10, "log1p_cp10k")
+
+
+def test_log2_cpm_values_are_converted_to_log1p_cp10k_lazily_and_in_memory(tmp_path):
+  """A source stored as log2(1 + CPM) ('from_log2_cpm') enters the model in ln(1 + CP10k)
+  units, the same read lazily or into memory; the other source normalisations are unchanged."""
+  from gil_jax.canal import stream
+  from gil_jax.data import batching
+  cpm = np.array([[100.0, 0.0, 1e4], [0.0, 5e5, 1.0]], np.float32)
+  stored = np.log2(1 + cpm).astype(np.float32)
+  np.testing.assert_allclose(batching.normalise(stored[stored > 0], None, "from_log2_cpm"),
+                             np.log1p(cpm[cpm > 0] / 100), rtol=1e-5)
+  path = str(tmp_path / "log2cpm.h5ad")
+  ad.AnnData(sp.csr_matrix(stored), var=pd.DataFrame(index=["a", "b", "c"]),
+             obs=pd.DataFrame(index=["x", "y"])).write_h5ad(path)
+  eager = stream.normalise_values(read_h5ad(path), "from_log2_cpm", "s")
+  lazy = stream.normalise_values(pipeline.open_lazy_h5ad(path), "from_log2_cpm", "s")
+  np.testing.assert_allclose(eager.X.toarray(), np.log1p(cpm / 100), rtol=1e-5)
+  np.testing.assert_array_equal(lazy.X[np.arange(2)].toarray(), eager.X.toarray())
+  with pytest.raises(DataError, match="from_log2_cpm"):
+    stream.normalise_values(read_h5ad(path), "log2cpm", "s")
+
+
+def test_auto_normalisation_recognises_log2_cpm_files():
+  """'auto' (annotate, extend): counts -> log1p_cp10k, ln(1 + CP10k) values -> none, values above
+  ln(1 + CP10k)'s ceiling that un-log as log2(1 + CPM) -> from_log2_cpm, others -> a clear error;
+  the CLI offers every normalisation the batcher knows."""
+  from gil_jax import cli
+  from gil_jax.canal.annotate import QueryError, detect_normalisation
+  from gil_jax.data import batching
+
+  def data(x, counts=False):  # what detect_normalisation reads of a CellData
+    return types.SimpleNamespace(X=sp.csr_matrix(np.asarray(x, np.float32)), is_counts=counts)
+  cpm = np.array([[2e5, 0.0, 7e5], [0.0, 9e5, 1.0]])
+  assert detect_normalisation(data([[3, 0, 1], [0, 2, 5]], counts=True), "q") == "log1p_cp10k"
+  assert detect_normalisation(data(np.log1p(cpm / 100)), "q") == "none"
+  assert detect_normalisation(data(np.log2(1 + cpm)), "q") == "from_log2_cpm"
+  with pytest.raises(QueryError, match="do not un-log as log2"):
+    detect_normalisation(data(np.log2(1 + cpm * 3)), "q")
+  with pytest.raises(QueryError, match="neither integer counts"):
+    detect_normalisation(data(cpm), "q")
+  assert cli.NORMALISATIONS == batching.NORMALISATIONS

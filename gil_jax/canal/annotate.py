@@ -12,6 +12,7 @@ transductive mixup rule on the query set); novelty_rule='canal' forces CANAL's r
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -120,18 +121,35 @@ def write_atomic(adata: ad.AnnData, output_path: str) -> None:
     raise
 
 
+log = logging.getLogger("gil_jax")
+LN_CP10K_CEILING = float(np.log1p(1e4))   # the largest possible ln(1 + CP10k) value
+
+
 def detect_normalisation(data, what: str) -> str:
-  """'log1p_cp10k' for integer counts, 'none' for log-scale values; QueryError for neither."""
+  """How a file's values enter the model ('auto'): 'log1p_cp10k' for integer counts, 'none' for
+  values within ln(1 + CP10k)'s range, 'from_log2_cpm' for values above it that un-log as
+  log2(1 + CPM) (every cell's 2^v - 1 sums to at most 1e6, e.g. the scClassify pancreas files);
+  QueryError for anything else."""
   if data.is_counts:
     return "log1p_cp10k"
-  top = float(data.X.data.max()) if getattr(data.X, "data", np.zeros(0)).size else 0.0
+  x = data.X if hasattr(data.X, "data") else None
+  top = float(x.data.max()) if x is not None and x.data.size else 0.0
+  if top <= LN_CP10K_CEILING * 1.001:
+    return "none"
+  fix = ("Normalise it first (scanpy.pp.normalize_total + log1p), or say what it is: "
+         "--normalisation log1p_cp10k for non-integer counts (e.g. TPM), from_log2_cpm for "
+         "log2(1 + CPM) values, none to use the values as they are.")
   if top > RAW_SCALE:
     raise QueryError(f"the {what}'s values reach {top:.4g}: neither integer counts nor "
-                     "log-normalised expression (log1p CP10k stays below ~10). Normalise it "
-                     "first (scanpy.pp.normalize_total + log1p), or say what it is: "
-                     "--normalisation log1p_cp10k for non-integer counts (e.g. TPM), "
-                     "--normalisation none to use the values as they are.")
-  return "none"
+                     f"log-normalised expression. {fix}")
+  unlogged = x.copy()
+  unlogged.data = np.exp2(unlogged.data.astype(np.float64)) - 1
+  if float(np.max(unlogged.sum(axis=1))) > 1e6 * 1.001:
+    raise QueryError(f"the {what}'s values reach {top:.4g}, above ln(1 + CP10k)'s ceiling "
+                     f"({LN_CP10K_CEILING:.2f}), and do not un-log as log2(1 + CPM) either. {fix}")
+  log.info("%s: values up to %.4g un-log as log2(1 + CPM); converted to ln(1 + CP10k) "
+           "(normalisation 'from_log2_cpm')", what, top)
+  return "from_log2_cpm"
 
 
 class Model:

@@ -20,13 +20,13 @@ import scipy.sparse as sp
 from sklearn.model_selection import train_test_split
 
 from gil_jax.canal import labels as labels_lib
-from gil_jax.data import anndata_io, pipeline
+from gil_jax.data import anndata_io, batching, pipeline
 from gil_jax.data.anndata_io import CellData, DataError
 from gil_jax.data.corpus import resolve_path
 from gil_jax.experiment import as_names
 
 log = logging.getLogger("gil_jax")
-SOURCE_NORMALISATIONS = ("log1p_cp10k", "log1p", "none")
+SOURCE_NORMALISATIONS = batching.NORMALISATIONS
 
 
 @dataclasses.dataclass
@@ -68,11 +68,8 @@ def normalise_values(data: CellData, how: str, source: str) -> CellData:
     data.X.normalise_on_read(how, data.size_factors)
     return data
   x = data.X.copy().tocsr()
-  if how == "log1p_cp10k":
-    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-    x.data = np.log1p(x.data / data.size_factors[rows]).astype(np.float32)
-  else:
-    x.data = np.log1p(x.data).astype(np.float32)
+  rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+  x.data = batching.normalise(x.data, data.size_factors[rows], how)
   return dataclasses.replace(data, X=sp.csr_matrix(x))
 
 

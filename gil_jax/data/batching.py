@@ -22,7 +22,7 @@ import numpy as np
 from gil_jax.batch import Batch
 from gil_jax.data.anndata_io import CellData, DataError
 
-NORMALISATIONS = ("log1p_cp10k", "log1p", "none")
+NORMALISATIONS = ("log1p_cp10k", "log1p", "none", "from_log2_cpm")
 SAMPLINGS = ("paper", "uniform", "weighted")
 VALUE_SCALES = ("none", "cell_rank")
 
@@ -86,11 +86,17 @@ def hash_uniform(seed: int, cells: np.ndarray, cols: np.ndarray | int, salt: int
 # ---------------------------------------------------------------- helpers
 
 def normalise(values: np.ndarray, size_factors: np.ndarray, normalisation: str) -> np.ndarray:
-  """Per-entry normalisation; `size_factors` aligned with `values` (units of 1e4)."""
+  """Per-entry normalisation to ln(1 + CP10k) units; `size_factors` aligned with `values` (units
+  of 1e4). 'log1p_cp10k': counts; 'log1p': counts, no size factor; 'none': values already in
+  those units; 'from_log2_cpm': values stored as log2(1 + CPM) (e.g. the scClassify pancreas
+  files), converted: ln(1 + (2^v - 1) / 100)."""
   if normalisation == "log1p_cp10k":
     return np.log1p(values / size_factors).astype(np.float32)
   if normalisation == "log1p":
     return np.log1p(values).astype(np.float32)
+  if normalisation == "from_log2_cpm":
+    return np.log1p(np.expm1(values.astype(np.float32) * np.float32(np.log(2))) / 100).astype(
+        np.float32)
   return values.astype(np.float32)
 
 

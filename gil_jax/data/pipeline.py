@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem
 
+from gil_jax.data import batching
 from gil_jax.data.anndata_io import (_DATASET_NAMES_KEY, _PANEL_KEY, MIN_SIZE_FACTOR, CellData,
                                      DataError, ValueStats, _fail_missing_file,
                                      check_unique_genes, check_value_stats, expressing_cells,
@@ -167,10 +168,8 @@ class LazyCSRRows:
       m.eliminate_zeros()
       counts, idx, data = np.diff(m.indptr).astype(np.int64), m.indices, m.data
     if self.normalisation != "none":  # the arithmetic of the in-memory normalisation
-      if self.normalisation == "log1p_cp10k":
-        data = np.log1p(data / np.repeat(self._file_size_factors[rows], counts)).astype(np.float32)
-      else:
-        data = np.log1p(data).astype(np.float32)
+      data = batching.normalise(data, np.repeat(self._file_size_factors[rows], counts),
+                                self.normalisation)
     return counts, idx, data
 
   def normalise_on_read(self, how: str, size_factors: np.ndarray) -> None:
