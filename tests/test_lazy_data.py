@@ -259,8 +259,13 @@ def test_auto_normalisation_recognises_log2_cpm_files():
   assert detect_normalisation(data([[3, 0, 1], [0, 2, 5]], counts=True), "q") == "log1p_cp10k"
   assert detect_normalisation(data(np.log1p(cpm / 100)), "q") == "none"
   assert detect_normalisation(data(np.log2(1 + cpm)), "q") == "from_log2_cpm"
-  with pytest.raises(QueryError, match="do not un-log as log2"):
+  with pytest.raises(QueryError, match="they fit no usual log scale"):
     detect_normalisation(data(np.log2(1 + cpm * 3)), "q")
+  # log2(1 + CP10k) and ln(1 + CPM) also exceed 9.21 but are not converted: the user says
+  with pytest.raises(QueryError, match=r"fit log2\(1 \+ CPM\) and log2\(1 \+ CP10k\)"):
+    detect_normalisation(data(np.log2(1 + cpm / 100)), "q")
+  with pytest.raises(QueryError, match=r"fit log2\(1 \+ CPM\) and .*ln\(1 \+ CPM\)"):
+    detect_normalisation(data(np.log1p(cpm)), "q")
   with pytest.raises(QueryError, match="neither integer counts"):
     detect_normalisation(data(cpm), "q")
   assert cli.NORMALISATIONS == batching.NORMALISATIONS

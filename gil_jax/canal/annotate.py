@@ -127,9 +127,10 @@ LN_CP10K_CEILING = float(np.log1p(1e4))   # the largest possible ln(1 + CP10k) v
 
 def detect_normalisation(data, what: str) -> str:
   """How a file's values enter the model ('auto'): 'log1p_cp10k' for integer counts, 'none' for
-  values within ln(1 + CP10k)'s range, 'from_log2_cpm' for values above it that un-log as
-  log2(1 + CPM) (every cell's 2^v - 1 sums to at most 1e6, e.g. the scClassify pancreas files);
-  QueryError for anything else."""
+  values within ln(1 + CP10k)'s range, 'from_log2_cpm' for larger values when log2(1 + CPM) is
+  the only usual log scale they fit (e.g. the scClassify pancreas files: un-logged with base 2
+  every cell sums to at most 1e6 but some to more than 1e4, and with base e some to more than
+  1e6); QueryError for anything else, naming the scales the values fit."""
   if data.is_counts:
     return "log1p_cp10k"
   x = data.X if hasattr(data.X, "data") else None
@@ -142,12 +143,20 @@ def detect_normalisation(data, what: str) -> str:
   if top > RAW_SCALE:
     raise QueryError(f"the {what}'s values reach {top:.4g}: neither integer counts nor "
                      f"log-normalised expression. {fix}")
-  unlogged = x.copy()
-  unlogged.data = np.exp2(unlogged.data.astype(np.float64)) - 1
-  if float(np.max(unlogged.sum(axis=1))) > 1e6 * 1.001:
+
+  def largest_cell_total(base: float) -> float:
+    unlogged = x.copy()
+    unlogged.data = np.power(base, unlogged.data.astype(np.float64)) - 1
+    return float(np.max(unlogged.sum(axis=1))) / 1.001  # float32 rounding of the stored values
+
+  base2, base_e = largest_cell_total(2.0), largest_cell_total(np.e)
+  fits = [name for name, ok in (("log2(1 + CPM)", base2 <= 1e6), ("log2(1 + CP10k)", base2 <= 1e4),
+                                ("ln(1 + CPM)", base_e <= 1e6)) if ok]
+  if fits != ["log2(1 + CPM)"]:
     raise QueryError(f"the {what}'s values reach {top:.4g}, above ln(1 + CP10k)'s ceiling "
-                     f"({LN_CP10K_CEILING:.2f}), and do not un-log as log2(1 + CPM) either. {fix}")
-  log.info("%s: values up to %.4g un-log as log2(1 + CPM); converted to ln(1 + CP10k) "
+                     f"({LN_CP10K_CEILING:.2f}); they fit {' and '.join(fits) or 'no usual log scale'}"
+                     f". {fix}")
+  log.info("%s: values up to %.4g un-log as log2(1 + CPM) only; converted to ln(1 + CP10k) "
            "(normalisation 'from_log2_cpm')", what, top)
   return "from_log2_cpm"
 
