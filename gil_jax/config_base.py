@@ -136,7 +136,7 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.batch.batch_size = 64
   c.batch.n_tokens = 128
   c.batch.mask_ratio = 0.4
-  c.batch.normalisation = "log1p_cp10k"  # 'log1p_cp10k' | 'log1p' | 'none'
+  c.batch.normalisation = "log1p_cp10k"  # 'log1p_cp10k' | 'log1p' | 'none' | 'from_log2_cpm'
   c.batch.sampling = "paper"             # 'paper' | 'uniform' | 'weighted'
   c.batch.zero_tokens = 0
   # annotation inputs: 'none' (normalised values) | 'cell_rank' (each value's quantile rank

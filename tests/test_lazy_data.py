@@ -243,6 +243,13 @@ def test_log2_cpm_values_are_converted_to_log1p_cp10k_lazily_and_in_memory(tmp_p
   np.testing.assert_array_equal(lazy.X[np.arange(2)].toarray(), eager.X.toarray())
   with pytest.raises(DataError, match="from_log2_cpm"):
     stream.normalise_values(read_h5ad(path), "log2cpm", "s")
+  counts = str(tmp_path / "counts.h5ad")  # counts named log2(1 + CPM) by mistake: refused
+  ad.AnnData(sp.csr_matrix(np.array([[3, 0, 200], [0, 7, 1]], np.float32)),
+             var=pd.DataFrame(index=["a", "b", "c"]), obs=pd.DataFrame(index=["x", "y"])
+             ).write_h5ad(counts)
+  for reader in (read_h5ad, pipeline.open_lazy_h5ad):
+    with pytest.raises(DataError, match="expects log2.*integer counts.*'log1p_cp10k'"):
+      stream.normalise_values(reader(counts), "from_log2_cpm", "s")
 
 
 def test_auto_normalisation_recognises_log2_cpm_files():
@@ -261,11 +268,13 @@ def test_auto_normalisation_recognises_log2_cpm_files():
   assert detect_normalisation(data(np.log2(1 + cpm)), "q") == "from_log2_cpm"
   with pytest.raises(QueryError, match="they fit no usual log scale"):
     detect_normalisation(data(np.log2(1 + cpm * 3)), "q")
-  # log2(1 + CP10k) and ln(1 + CPM) also exceed 9.21 but are not converted: the user says
+  # log2(1 + CP10k), ln(1 + CPM) and deeper ln(1 + x) (e.g. normalize_total to a median of
+  # millions) also exceed 9.21 but fit several scales: not converted, the user says which
   with pytest.raises(QueryError, match=r"fit log2\(1 \+ CPM\) and log2\(1 \+ CP10k\)"):
     detect_normalisation(data(np.log2(1 + cpm / 100)), "q")
-  with pytest.raises(QueryError, match=r"fit log2\(1 \+ CPM\) and .*ln\(1 \+ CPM\)"):
-    detect_normalisation(data(np.log1p(cpm)), "q")
+  for total in (1e6, 5e6):
+    with pytest.raises(QueryError, match=r"fit log2\(1 \+ CPM\) and ln\(1 \+ x\)"):
+      detect_normalisation(data(np.log1p(cpm / cpm.sum(1, keepdims=True) * total)), "q")
   with pytest.raises(QueryError, match="neither integer counts"):
     detect_normalisation(data(cpm), "q")
   assert cli.NORMALISATIONS == batching.NORMALISATIONS

@@ -130,19 +130,19 @@ def detect_normalisation(data, what: str) -> str:
   values within ln(1 + CP10k)'s range, 'from_log2_cpm' for larger values when log2(1 + CPM) is
   the only usual log scale they fit (e.g. the scClassify pancreas files: un-logged with base 2
   every cell sums to at most 1e6 but some to more than 1e4, and with base e some to more than
-  1e6); QueryError for anything else, naming the scales the values fit."""
+  1e7, beyond even deep ln(1 + x) normalisations); QueryError for anything else, naming the
+  scales the values fit."""
   if data.is_counts:
     return "log1p_cp10k"
   x = data.X if hasattr(data.X, "data") else None
   top = float(x.data.max()) if x is not None and x.data.size else 0.0
   if top <= LN_CP10K_CEILING * 1.001:
     return "none"
-  fix = ("Normalise it first (scanpy.pp.normalize_total + log1p), or say what it is: "
-         "--normalisation log1p_cp10k for non-integer counts (e.g. TPM), from_log2_cpm for "
-         "log2(1 + CPM) values, none to use the values as they are.")
   if top > RAW_SCALE:
     raise QueryError(f"the {what}'s values reach {top:.4g}: neither integer counts nor "
-                     f"log-normalised expression. {fix}")
+                     "log-normalised expression. Normalise it first (scanpy.pp.normalize_total "
+                     "+ log1p), or say what it is: --normalisation log1p_cp10k for non-integer "
+                     "counts (e.g. TPM), none to use the values as they are.")
 
   def largest_cell_total(base: float) -> float:
     unlogged = x.copy()
@@ -151,13 +151,17 @@ def detect_normalisation(data, what: str) -> str:
 
   base2, base_e = largest_cell_total(2.0), largest_cell_total(np.e)
   fits = [name for name, ok in (("log2(1 + CPM)", base2 <= 1e6), ("log2(1 + CP10k)", base2 <= 1e4),
-                                ("ln(1 + CPM)", base_e <= 1e6)) if ok]
+                                ("ln(1 + x) with cell totals up to 1e7", base_e <= 1e7)) if ok]
   if fits != ["log2(1 + CPM)"]:
-    raise QueryError(f"the {what}'s values reach {top:.4g}, above ln(1 + CP10k)'s ceiling "
-                     f"({LN_CP10K_CEILING:.2f}); they fit {' and '.join(fits) or 'no usual log scale'}"
-                     f". {fix}")
-  log.info("%s: values up to %.4g un-log as log2(1 + CPM) only; converted to ln(1 + CP10k) "
-           "(normalisation 'from_log2_cpm')", what, top)
+    raise QueryError(
+        f"the {what}'s values reach {top:.4g}, above ln(1 + CP10k)'s ceiling "
+        f"({LN_CP10K_CEILING:.2f}): already log-scaled, but they fit "
+        f"{' and '.join(fits) or 'no usual log scale'}, so 'auto' does not guess. Un-log them "
+        "(2^v - 1 or e^v - 1) and renormalise to ln(1 + CP10k), or say what they are: "
+        "--normalisation from_log2_cpm for log2(1 + CPM) values, none to use them as they are.")
+  log.warning("%s: values up to %.4g fit log2(1 + CPM) only; converting them to ln(1 + CP10k) "
+              "(normalisation 'from_log2_cpm'; pass --normalisation none to use them as they "
+              "are)", what, top)
   return "from_log2_cpm"
 
 

@@ -117,7 +117,8 @@ def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names
       o = runner.predict(state.params, state.active_genes, state.active_classes, cells, c2r)
       pred = names[np.argmax(o["logits"], -1)]
       entry.update(metrics.classification(stream.labels[cells][is_seen], pred[is_seen]))
-      entry["confusion"] = _confusion(stream.labels[cells][is_seen], pred[is_seen])
+      if is_seen.any():
+        entry["confusion"] = _confusion(stream.labels[cells][is_seen], pred[is_seen])
       # the run's novelty rule on the whole test-only source (CANAL's rule: transductive on it)
       flag = detect_novel(runner.config, state, o, calib,
                           key=jax.random.PRNGKey(runner.config.seed)).unassigned

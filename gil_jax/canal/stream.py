@@ -23,7 +23,7 @@ from gil_jax.canal import labels as labels_lib
 from gil_jax.data import anndata_io, batching, pipeline
 from gil_jax.data.anndata_io import CellData, DataError
 from gil_jax.data.corpus import resolve_path
-from gil_jax.experiment import as_names
+from gil_jax.experiment import RAW_SCALE, as_names
 
 log = logging.getLogger("gil_jax")
 SOURCE_NORMALISATIONS = batching.NORMALISATIONS
@@ -64,6 +64,14 @@ def normalise_values(data: CellData, how: str, source: str) -> CellData:
   if how == "log1p_cp10k" and not data.is_counts:
     log.warning("source %s: log1p_cp10k on non-integer values; set normalisation='none' for "
                 "pre-normalised files", source)
+  if how == "from_log2_cpm":
+    top = float(data.X.data.max()) if sp.issparse(data.X) and data.X.nnz else None
+    if data.is_counts or (top is not None and top > RAW_SCALE):
+      raise DataError(f"source {source!r}: normalisation 'from_log2_cpm' expects log2(1 + CPM) "
+                      "values, but the file holds "
+                      + ("integer counts" if data.is_counts else f"values up to {top:.4g}")
+                      + f"; use 'log1p_cp10k' for counts (config.canal.sources.{source}"
+                      ".normalisation).")
   if not sp.issparse(data.X):  # lazily read: normalised as rows are read, same arithmetic
     data.X.normalise_on_read(how, data.size_factors)
     return data

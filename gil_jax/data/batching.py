@@ -32,7 +32,7 @@ class BatchSpec:
   batch_size: int
   n_tokens: int
   mask_ratio: float = 0.4
-  normalisation: str = "log1p_cp10k"  # log1p(x / size_factor) | log1p(x) | none
+  normalisation: str = "log1p_cp10k"  # see `normalise` (NORMALISATIONS)
   sampling: str = "paper"             # paper (per cell 50/50 weighted|uniform), uniform, weighted
   zero_tokens: int = 0                # measured zeros to add as value-0 tokens when room allows
   # 'none': the normalised values; 'cell_rank': a value's rank among the cell's detected genes

@@ -173,8 +173,9 @@ class LazyCSRRows:
     return counts, idx, data
 
   def normalise_on_read(self, how: str, size_factors: np.ndarray) -> None:
-    """Row reads return log1p(x / size factor) ('log1p_cp10k') or log1p(x) ('log1p') from now
-    on; `size_factors` are those of the current rows. Column statistics stay on stored values."""
+    """Row reads return `batching.normalise(x, size factor, how)` from now on (e.g.
+    log1p(x / size factor) for 'log1p_cp10k'); `size_factors` are those of the current rows.
+    Column statistics stay on stored values."""
     rows = np.arange(len(self.indptr) - 1) if self._rows is None else self._rows
     self._file_size_factors = np.ones(len(self.indptr) - 1, np.float32)
     self._file_size_factors[rows] = size_factors
