@@ -1,7 +1,8 @@
 """Annotation throughput of a trained run: load time, cells/s on a query, and many small queries.
 
   python benchmarks/bench_annotate.py --workdir runs/canal_pancreas \
-      --query ../shared/data/pancreas_xin_scClassify.h5ad [--repeats 3] [--small 100] [--json]
+      --query ../shared/data/pancreas_xin_scClassify.h5ad [--normalisation from_log2_cpm] \
+      [--repeats 3] [--small 100] [--json]
 
 Measures, in one process: `gil_jax.load(workdir)` (restore + vocabulary), the first
 `model.annotate` of the query (includes compiling the eval step), then `--repeats` more calls
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--small", type=int, default=100, help="cells per small query")
   p.add_argument("--n_small", type=int, default=10, help="number of small queries")
+  p.add_argument("--normalisation", default="auto",
+                 help="how the query's values enter the model (annotate's --normalisation); "
+                 "small slices of a log2(1 + CPM) file need it said: auto refuses to guess there")
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
 
@@ -42,17 +46,17 @@ def main(argv: list[str] | None = None) -> int:
   model = gil_jax.load(args.workdir)
   load_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  model.annotate(query)
+  model.annotate(query, normalisation=args.normalisation)
   first_s = time.perf_counter() - t0
   rates = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()
-    model.annotate(query)
+    model.annotate(query, normalisation=args.normalisation)
     rates.append(query.n_obs / (time.perf_counter() - t0))
   small = [query[i * args.small % query.n_obs:][:args.small].copy() for i in range(args.n_small)]
   t0 = time.perf_counter()
   for q in small:
-    model.annotate(q)
+    model.annotate(q, normalisation=args.normalisation)
   small_s = (time.perf_counter() - t0) / args.n_small
   out = {"workdir": args.workdir, "query": os.path.basename(args.query), "cells": query.n_obs,
          "genes": query.n_vars, "load_s": round(load_s, 2),
