@@ -168,8 +168,9 @@ class LazyCSRRows:
       m.eliminate_zeros()
       counts, idx, data = np.diff(m.indptr).astype(np.int64), m.indices, m.data
     if self.normalisation != "none":  # the arithmetic of the in-memory normalisation
-      data = batching.normalise(data, np.repeat(self._file_size_factors[rows], counts),
-                                self.normalisation)
+      sf = (np.repeat(self._file_size_factors[rows], counts)  # only log1p_cp10k reads them
+            if self.normalisation == "log1p_cp10k" else None)
+      data = batching.normalise(data, sf, self.normalisation)
     return counts, idx, data
 
   def normalise_on_read(self, how: str, size_factors: np.ndarray) -> None:
