@@ -14,7 +14,7 @@ from gil_jax.canal import annotate, bank, head, labels, loss, metrics, novelty
 from gil_jax.canal import stream as stream_lib
 from gil_jax.tasks import annotation as loop
 from gil_jax.canal.model import WorkdirError
-from gil_jax.data.anndata_io import DataError
+from gil_jax.data.anndata_io import DataError, from_anndata
 from tests.helpers import sim_h5ad, tiny_canal_config
 
 
@@ -390,6 +390,28 @@ def test_annotate_round_trip_and_input_untouched(trained, tmp_path):
   annotate.annotate_file(str(tmp / "run"), path, emb, embed_only=True)
   e = ad.read_h5ad(emb)
   assert "X_gil" in e.obsm and "gil_cell_type" not in e.obs
+
+
+def test_annotation_ignores_library_size_and_file_format(trained):
+  """Cells are annotated at the reference depth: the same profiles given as counts, as counts at
+  3x the depth, or as ln(1 + CP10k) values get the same embedding and labels."""
+  import scipy.sparse as sp
+  tmp, _, a, _ = trained
+  model = annotate.Model(str(tmp / "run"))
+  x = sp.csr_matrix(a.X, dtype=np.float32)
+  logn = x.multiply(1e4 / np.asarray(x.sum(1))).tocsr()
+  logn.data = np.log1p(logn.data)
+  outs = []
+  for mat, norm in ((x, "log1p_cp10k"), (x * 3, "log1p_cp10k"), (logn, "none")):
+    q = a.copy()
+    q.X = mat
+    outs.append(model.annotate(q, normalisation=norm))
+  for o in outs[1:]:
+    np.testing.assert_allclose(o.obsm["X_gil"], outs[0].obsm["X_gil"], atol=2e-4)
+    np.testing.assert_array_equal(o.obs["gil_cell_type"].to_numpy(),
+                                  outs[0].obs["gil_cell_type"].to_numpy())
+  data = stream_lib.normalise_values(from_anndata(a.copy(), name="s"), "log1p_cp10k", "s")
+  np.testing.assert_array_equal(data.size_factors, 1.0)
 
 
 def test_mahalanobis_rule_is_saved_and_applied_cell_by_cell(tmp_path):

@@ -55,12 +55,19 @@ class Stream:
 
 
 def normalise_values(data: CellData, how: str, source: str) -> CellData:
-  """Returns `data` with X replaced by normalised values (host-side, per source)."""
+  """Returns `data` with X in ln(1 + CP10k) units (host-side, per source) and every size factor 1.
+
+  The annotator sees each cell at the reference depth: a pre-normalised file carries no library
+  size (its stand-in, the sum of the file's values, differs by file format: -3.1 for panc8's
+  ln CP10k layer, -0.9 for Baron's counts in log units), so the depth token would otherwise tell
+  the classifier which file a cell came from, and the same cells given as counts or as
+  ln(1 + CP10k) would get different labels.
+  """
   if how not in SOURCE_NORMALISATIONS:
     raise DataError(f"source {source!r}: unknown normalisation {how!r}; use one of "
                     f"{SOURCE_NORMALISATIONS} (config.canal.sources.{source}.normalisation).")
   if how == "none":
-    return data
+    return _at_reference_depth(data)
   if how == "log1p_cp10k" and not data.is_counts:
     log.warning("source %s: log1p_cp10k on non-integer values; set normalisation='none' for "
                 "pre-normalised files", source)
@@ -73,12 +80,16 @@ def normalise_values(data: CellData, how: str, source: str) -> CellData:
                       + f"; use 'log1p_cp10k' for counts (config.canal.sources.{source}"
                       ".normalisation).")
   if not sp.issparse(data.X):  # lazily read: normalised as rows are read, same arithmetic
-    data.X.normalise_on_read(how, data.size_factors)
-    return data
+    data.X.normalise_on_read(how, data.size_factors)  # keeps its own copy of the factors
+    return _at_reference_depth(data)
   x = data.X.copy().tocsr()
   rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
   x.data = batching.normalise(x.data, data.size_factors[rows], how)
-  return dataclasses.replace(data, X=sp.csr_matrix(x))
+  return _at_reference_depth(dataclasses.replace(data, X=sp.csr_matrix(x)))
+
+
+def _at_reference_depth(data: CellData) -> CellData:
+  return dataclasses.replace(data, size_factors=np.ones(data.n_cells, np.float32))
 
 
 def read_source(name: str, src: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
