@@ -194,5 +194,8 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
       gene_panel="",
       # a logistic regression on the cell's expression profile added to the logits
       # (gil_jax/canal/head.py: gene_linear_logits)
-      gene_linear=False))
+      gene_linear=False,
+      # training only: hide a random share (up to this, per cell) of each cell's tokens, so that
+      # no type is learnt from how many of the panel's genes its studies measure
+      token_dropout=0.0))
   return c

@@ -514,3 +514,20 @@ def test_info_command(trained, capsys):
   assert info["accuracy_matrix"] == res["accuracy_matrix"]
   card = open(tmp / "run" / "model_card.md").read()
   assert "task: `annotation`, method: `canal`" in card and "trained: 2 of 2 stages" in card
+
+
+def test_token_dropout_hides_a_share_of_each_cells_tokens_and_keeps_one():
+  from gil_jax.batch import empty_batch
+  mask = np.zeros((64, 100), bool)
+  mask[:, :80] = True
+  mask[0, :] = False
+  mask[0, 5] = True                      # a cell with one token keeps it
+  batch = empty_batch(64, 100).replace(token_mask=mask)
+  out = np.asarray(loss.drop_tokens(batch, 0.8, jax.random.PRNGKey(0)).token_mask)
+  assert not (out & ~mask).any()                       # only hides, never adds
+  assert out[0, 5] and out.sum(1).min() >= 1
+  kept = out[1:].sum(1) / 80.0
+  assert 0.15 < kept.min() and kept.max() <= 1.0 and 0.45 < kept.mean() < 0.75  # ~U(0.2, 1)
+  assert np.unique(out[1:].sum(1)).size > 10             # the share differs between cells
+  same = loss.drop_tokens(batch, 0.0, jax.random.PRNGKey(0)).token_mask
+  np.testing.assert_array_equal(np.asarray(same), mask)

@@ -40,14 +40,29 @@ def _cell_mean(x: jnp.ndarray, cell_mask: jnp.ndarray) -> jnp.ndarray:
   return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def make_task_loss(backbone, label_smoothing: float):
-  """LossFn: label-smoothed CE on labelled real cells of inputs['main'] (aux['out'] = outputs)."""
+def drop_tokens(batch, max_share: float, rng: jax.Array):
+  """`batch` with a random share of each cell's tokens hidden (the share drawn per cell from
+  U(0, max_share); a cell's first token always stays), so that a cell is classified from
+  whatever part of its profile a study happens to measure."""
+  k_share, k_keep = jax.random.split(rng)
+  share = jax.random.uniform(k_share, (batch.token_mask.shape[0], 1)) * max_share
+  keep = jax.random.uniform(k_keep, batch.token_mask.shape) >= share
+  first = jnp.cumsum(batch.token_mask, axis=-1) == 1
+  return batch.replace(token_mask=batch.token_mask & (keep | first))
+
+
+def make_task_loss(backbone, label_smoothing: float, token_dropout: float = 0.0):
+  """LossFn: label-smoothed CE on labelled real cells of inputs['main'] (aux['out'] = outputs);
+  with `token_dropout` > 0 the CE sees each cell through `drop_tokens`."""
 
   def loss_fn(params, tstates, inputs, ctx: LossContext):
     del tstates
-    batch = inputs["main"]
+    batch, rng = inputs["main"], ctx.rng
+    if token_dropout > 0:
+      rng, k_drop = jax.random.split(rng)
+      batch = drop_tokens(batch, token_dropout, k_drop)
     out = head_lib.apply(backbone, params, batch, ctx.active_genes, ctx.active_classes,
-                         train=True, rng=ctx.rng)
+                         train=True, rng=rng)
     valid = batch.cell_mask & (batch.labels >= 0)
     ce = _cell_mean(smoothed_ce(out["logits"], batch.labels, ctx.active_classes,
                                 label_smoothing), valid)

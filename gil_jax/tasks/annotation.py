@@ -91,7 +91,8 @@ class Runner(loop.Runner):
     self.tx = make_optimizer(config.train, trainable=trainable_labels(
         abstract, config.canal.trainable, config.canal.trainable_blocks))
     self.transform = registry.build(config)
-    self.task_loss = loss_lib.make_task_loss(self.backbone, config.canal.label_smoothing)
+    self.task_loss = loss_lib.make_task_loss(self.backbone, config.canal.label_smoothing,
+                                            float(config.canal.get("token_dropout", 0.0)))
     self.train_plan = ([("joint", np.concatenate([s.train_cells for s in stream.stages]))]
                        if self.joint else [(s.name, s.train_cells) for s in stream.stages])
     self.calib: dict | None = None
