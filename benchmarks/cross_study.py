@@ -102,8 +102,11 @@ LABEL_MAPS = {"pancreas": canal_pancreas.PANCREAS_LABELS, "pbmc": canal_pbmc.PBM
 DROP = {"pancreas": (), "pbmc": ("MK", "HSC")}
 BASE = {"pancreas": canal_pancreas.get_config, "pbmc": canal_pbmc.get_config}
 WITHIN = "(within-study test split of the training studies)"
-METHODS = ("joint", "canal", "logistic_regression", "knn_pca")
+METHODS = ("joint", "canal", "joint_embedding_knn", "canal_embedding_knn", "logistic_regression",
+           "knn_pca")
 METHOD_NAMES = {"joint": "model, joint", "canal": "model, continual (canal)",
+                "joint_embedding_knn": "model, joint: kNN (k=15) on its embedding",
+                "canal_embedding_knn": "model, continual: kNN (k=15) on its embedding",
                 "logistic_regression": "logistic regression", "knn_pca": "kNN (k=15) on PCA"}
 
 
@@ -188,6 +191,9 @@ def figures(results: dict) -> dict:
       t = be["test_only"].get(part, {})
       row["n_shared_genes"] = t.get("n_shared_genes")
       row[b] = {"accuracy": t.get("accuracy"), "macro_f1": t.get("macro_f1")}
+    if "embedding_knn" in a:  # runs of earlier revisions lack it
+      t = a["embedding_knn"]["test_only"].get(part, {})
+      row[f"{mode}_embedding_knn"] = {k: t.get(k) for k in ("accuracy", "macro_f1")}
     out[part] = row
   # context: the within-study test split of the training studies (same run, same cells for all)
   within = {"n_cells": a["n_test_cells"], "n_seen_type_cells": a["n_test_cells"],
@@ -195,6 +201,9 @@ def figures(results: dict) -> dict:
   for b, be in a["baselines"].items():
     within["n_shared_genes"] = be.get("n_genes")
     within[b] = {k: (be.get("test") or {}).get(k) for k in ("accuracy", "macro_f1")}
+  if "embedding_knn" in a:
+    within[f"{mode}_embedding_knn"] = {k: (a["embedding_knn"]["test"] or {}).get(k)
+                                       for k in ("accuracy", "macro_f1")}
   out[WITHIN] = within
   return out
 
@@ -261,6 +270,8 @@ def markdown(agg: dict, meta: dict) -> str:
            "training studies (config.canal.test_fraction of each, never trained on; shared genes = "
            "the whole training vocabulary).", ""]
   n_seeds = {"joint": len(meta["seeds"]), "canal": len(meta["canal_seeds"]),
+             "joint_embedding_knn": len(meta["seeds"]),
+             "canal_embedding_knn": len(meta["canal_seeds"]),
              "logistic_regression": len(set(meta["seeds"]) | set(meta["canal_seeds"])),
              "knn_pca": len(set(meta["seeds"]) | set(meta["canal_seeds"]))}
   methods = [m for m in METHODS if any(m in p["methods"] for t in agg.values()

@@ -1,6 +1,7 @@
 """What an annotation run reports at its end: novelty calibration on validation cells, the
 final evaluation (accuracy matrix summary, per-class metrics, novel-type detection, test-only
-sources, logistic-regression / kNN baselines) and the confusion matrix."""
+sources, logistic-regression / kNN baselines, the model's embedding read out by kNN label
+transfer from its training cells) and the confusion matrix."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from gil_jax.canal import metrics, novelty
 from gil_jax.canal.labels import UNASSIGNED
 from gil_jax.canal.stream import Stream
 from gil_jax.eval import baselines
+
+EMBEDDING_K = 15               # as the kNN-on-PCA baseline
+MAX_REFERENCE_CELLS = 20_000   # training cells the embedding kNN votes with
 
 
 def novelty_calibration(runner, state, stream: Stream, label_rows: np.ndarray,
@@ -108,6 +112,14 @@ def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names
           threshold=fixed.threshold)
     truth = np.where(np.isin(stream.labels[test], withheld), UNASSIGNED, stream.labels[test])
     res["confusion"] = _confusion(truth, pred)
+  train = np.concatenate([s.train_cells for s in stream.stages])
+  ref = _reference_cells(train, int(runner.config.seed))
+  ref_m = runner.predict(state.params, state.active_genes, state.active_classes, ref, c2r)["m"]
+  transfer = lambda m: baselines.knn_label_transfer(ref_m, stream.labels[ref], m, k=EMBEDDING_K)
+  res["embedding_knn"] = {
+      "features": "the final model's manifold vectors m (cosine)", "k": EMBEDDING_K,
+      "reference_cells": int(len(ref)), "test_only": {},
+      "test": metrics.classification(y_true, transfer(out["m"])) if len(known) else None}
   res["test_only"], seen_only = {}, {}
   for src, cells in stream.test_only.items():
     is_seen = np.isin(stream.labels[cells], labels.names)
@@ -119,6 +131,8 @@ def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names
       entry.update(metrics.classification(stream.labels[cells][is_seen], pred[is_seen]))
       if is_seen.any():
         entry["confusion"] = _confusion(stream.labels[cells][is_seen], pred[is_seen])
+        res["embedding_knn"]["test_only"][src] = metrics.classification(
+            stream.labels[cells][is_seen], transfer(o["m"][is_seen]))
       # the run's novelty rule on the whole test-only source (CANAL's rule: transductive on it)
       flag = detect_novel(runner.config, state, o, calib,
                           key=jax.random.PRNGKey(runner.config.seed)).unassigned
@@ -127,10 +141,17 @@ def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names
                    flagged_novel_unseen=float(np.mean(flag[~is_seen])) if (~is_seen).any()
                    else None)
     res["test_only"][src] = entry
-  train = np.concatenate([s.train_cells for s in stream.stages])
   res["baselines"] = baselines.annotation_baselines(stream, np.flatnonzero(c2r > 0), train, known,
                                                     seen_only)
   return res
+
+
+def _reference_cells(train: np.ndarray, seed: int) -> np.ndarray:
+  """The training cells the embedding kNN votes with (at most MAX_REFERENCE_CELLS, drawn with
+  the run's seed)."""
+  if len(train) <= MAX_REFERENCE_CELLS:
+    return train
+  return np.sort(np.random.default_rng(seed).choice(train, MAX_REFERENCE_CELLS, replace=False))
 
 
 def _confusion(y_true, y_pred) -> dict:

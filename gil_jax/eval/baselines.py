@@ -63,6 +63,15 @@ def knn_pca_baseline(x_train, y_train, x_test, *, n_components: int = 50,
   return knn.fit(pca.transform(x_train), y_train).predict(pca.transform(x_test))
 
 
+def knn_label_transfer(x_train, y_train, x_test, *, k: int = 15) -> np.ndarray:
+  """Labels of `x_test` by majority vote of the k nearest training cells by cosine similarity,
+  e.g. in a model's embedding (reference mapping's usual readout)."""
+  x_train, y_train, x_test = _check(x_train, y_train, x_test)
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  knn = KNeighborsClassifier(n_neighbors=min(k, len(x_train)))
+  return knn.fit(unit(x_train), y_train).predict(unit(x_test))
+
+
 def _run(name: str, x_train, y_train, x_test, y_test) -> dict:
   fn = {"logistic_regression": logistic_regression_baseline, "knn_pca": knn_pca_baseline}[name]
   t0 = time.time()
