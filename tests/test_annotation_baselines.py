@@ -20,7 +20,8 @@ def _blobs(n_per: int = 60, n_genes: int = 40, n_types: int = 3, seed: int = 0, 
   return np.log1p(x).astype(np.float32), y
 
 
-@pytest.mark.parametrize("fn", [baselines.logistic_regression_baseline, baselines.knn_pca_baseline])
+@pytest.mark.parametrize("fn", [baselines.logistic_regression_baseline, baselines.knn_pca_baseline,
+                                baselines.knn_label_transfer])
 def test_baselines_beat_chance_on_separable_types(fn):
   x, y = _blobs()
   xt, yt = _blobs(n_per=30, seed=1)
@@ -38,13 +39,26 @@ def test_baselines_near_chance_without_signal():
 
 def test_baselines_fail_clearly_on_mismatch():
   x, y = _blobs()
-  for fn in (baselines.logistic_regression_baseline, baselines.knn_pca_baseline):
+  for fn in (baselines.logistic_regression_baseline, baselines.knn_pca_baseline,
+             baselines.knn_label_transfer):
     with pytest.raises(ValueError, match="differ in width"):
       fn(x, y, x[:, :-1])
     with pytest.raises(ValueError, match="labels for"):
       fn(x, y[:-1], x)
     with pytest.raises(ValueError, match="at least 2 cell types"):
       fn(x, np.full(len(y), "a"), x)
+
+
+def test_knn_label_transfer_votes_by_direction_not_length():
+  x, y = _blobs()
+  xt, _ = _blobs(n_per=30, seed=1)
+  pred = baselines.knn_label_transfer(x, y, xt)
+  scale = np.random.default_rng(0).uniform(0.1, 10.0, (len(xt), 1)).astype(np.float32)
+  np.testing.assert_array_equal(baselines.knn_label_transfer(x, y, xt * scale), pred)
+  one = baselines.knn_label_transfer(x, y, xt, k=1)  # k=1: the label of the most similar cell
+  cos = (xt / np.linalg.norm(xt, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1,
+                                                                             keepdims=True)).T
+  np.testing.assert_array_equal(one, y[cos.argmax(1)])
 
 
 def _stream():

@@ -269,6 +269,9 @@ def test_training_results_and_no_recompile(trained):
   assert "type0" not in a["classes"]
   assert os.path.exists(tmp / "run" / "confusion.png") and os.path.exists(tmp / "run" / "report.md")
   assert sum(res["stages"][-1]["bank_per_class"].values()) <= 24
+  knn = a["embedding_knn"]  # the model's embedding read out by kNN from its training cells
+  assert knn["k"] == 15 and knn["reference_cells"] > 0
+  assert set(knn["test"]) == {"accuracy", "macro_f1", "ari"} and 0.0 <= knn["test"]["accuracy"] <= 1
 
 
 def test_sharded_annotation_matches_one_device(trained, gil_run):
@@ -531,3 +534,22 @@ def test_token_dropout_hides_a_share_of_each_cells_tokens_and_keeps_one():
   assert np.unique(out[1:].sum(1)).size > 10             # the share differs between cells
   same = loss.drop_tokens(batch, 0.0, jax.random.PRNGKey(0)).token_mask
   np.testing.assert_array_equal(np.asarray(same), mask)
+
+
+def test_test_only_source_reports_head_confusion_and_embedding_knn(tmp_path):
+  """A source never trained on is scored with the head's argmax (and its confusion matrix) and
+  with kNN label transfer on the model's embedding; baselines are refitted on its genes."""
+  import ml_collections
+  path, _ = sim_h5ad(tmp_path, "train.h5ad", seed=0)
+  query, _ = sim_h5ad(tmp_path, "query.h5ad", seed=0, n_cells=120)
+  c = _config(path, val_fraction=0.1)
+  c.canal.sources.query = ml_collections.ConfigDict(dict(
+      file=query, label_column="cell_type", normalisation="log1p_cp10k", split_column="",
+      split_values=()))
+  c.canal.test_only = ("query",)
+  a = loop.train_annotation(c, str(tmp_path / "run"))["annotation"]
+  head_q, knn_q = a["test_only"]["query"], a["embedding_knn"]["test_only"]["query"]
+  assert head_q["n_cells"] == 120 and 0.0 <= head_q["accuracy"] <= 1.0
+  assert np.sum(head_q["confusion"]["matrix"]) == head_q["n_seen_type_cells"]
+  assert set(knn_q) == {"accuracy", "macro_f1", "ari"} and 0.0 <= knn_q["accuracy"] <= 1.0
+  assert a["baselines"]["logistic_regression"]["test_only"]["query"]["n_cells"] == 120
