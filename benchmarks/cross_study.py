@@ -106,7 +106,8 @@ METHODS = ("joint", "canal", "joint_embedding_knn", "canal_embedding_knn", "logi
            "knn_pca")
 METHOD_NAMES = {"joint": "model, joint", "canal": "model, continual (canal)",
                 "joint_embedding_knn": "model, joint: kNN (k=15) on its embedding",
-                "canal_embedding_knn": "model, continual: kNN (k=15) on its embedding",
+                "canal_embedding_knn": "model, continual: kNN (k=15) on its embedding (reference: "
+                                       "every stage's training cells)",
                 "logistic_regression": "logistic regression", "knn_pca": "kNN (k=15) on PCA"}
 
 

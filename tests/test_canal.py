@@ -553,3 +553,36 @@ def test_test_only_source_reports_head_confusion_and_embedding_knn(tmp_path):
   assert np.sum(head_q["confusion"]["matrix"]) == head_q["n_seen_type_cells"]
   assert set(knn_q) == {"accuracy", "macro_f1", "ari"} and 0.0 <= knn_q["accuracy"] <= 1.0
   assert a["baselines"]["logistic_regression"]["test_only"]["query"]["n_cells"] == 120
+
+
+def test_token_dropout_reaches_training_and_is_range_checked(tmp_path):
+  path = _sim(tmp_path)[0]
+  losses = []
+  for share in (0.0, 0.6):
+    res = loop.train_annotation(_config(path, token_dropout=share), str(tmp_path / f"run{share}"))
+    losses.append([s["final_loss"] for s in res["stages"]])
+  assert losses[0] != losses[1]
+  with pytest.raises(ValueError, match="token_dropout=1.0 must be in"):
+    loss.make_task_loss(None, 0.1, 1.0)
+
+
+def test_gene_incremental_models_keep_real_depth_and_old_annotation_runs_warn(gil_run, trained,
+                                                                             caplog):
+  """Only annotation models see the reference depth: a gene-incremental workdir's `embed` still
+  reads each cell's library size. An annotation run saved before the change is warned about."""
+  _, _, a, _ = trained
+  gil = annotate.Model(gil_run[0])
+  deeper = a.copy()
+  deeper.X = a.X * 3
+  e1 = gil.embed(a).obsm["X_gil"]
+  e3 = gil.embed(deeper).obsm["X_gil"]
+  assert np.abs(e1 - e3).max() > 1e-3               # same profiles, 3x the depth: depth token
+  d = from_anndata(a.copy(), name="s")
+  kept = stream_lib.normalise_values(d, "log1p_cp10k", "s", reference_depth=False)
+  np.testing.assert_array_equal(kept.size_factors, d.size_factors)
+  with caplog.at_level("WARNING", logger="gil_jax"):
+    stream_lib.warn_if_old_depth_input({"kind": "canal"}, "old run")
+    stream_lib.warn_if_old_depth_input({"kind": "canal", "depth_input": "reference"}, "new run")
+    stream_lib.warn_if_old_depth_input({"kind": "gil"}, "gil run")
+  warned = [r.getMessage().split(" was")[0] for r in caplog.records if r.levelname == "WARNING"]
+  assert warned == ["old run"]

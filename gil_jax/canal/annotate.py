@@ -28,7 +28,7 @@ from gil_jax import integrity
 from gil_jax.canal import novelty, voting
 from gil_jax.canal.labels import UNASSIGNED
 from gil_jax.canal.model import WorkdirError, eval_step_for, latest_finished
-from gil_jax.canal.stream import normalise_values
+from gil_jax.canal.stream import normalise_values, warn_if_old_depth_input
 from gil_jax.data import anndata_io, batching
 from gil_jax.data.anndata_io import DataError
 from gil_jax.data.vocab import GeneVocab
@@ -175,6 +175,7 @@ class Model:
     self.workdir = os.path.abspath(workdir)
     self.state, self.meta = load_run(workdir)
     self.is_annotation = self.meta.get("kind") == "canal"
+    warn_if_old_depth_input(self.meta, f"workdir {workdir!r}")
     self.done, self.total = run_progress(self.meta)
     self.partial = self.done < self.total
     if self.partial and not allow_partial:
@@ -287,7 +288,7 @@ class Model:
     totals = np.asarray(sp.csr_matrix(mat).sum(axis=1)).ravel()
     kept = np.flatnonzero(totals > 0)
     norm = detect_normalisation(data, "query") if normalisation == "auto" else normalisation
-    data = normalise_values(data, norm, "query")
+    data = normalise_values(data, norm, "query", reference_depth=self.is_annotation)
     min_shared = (min_shared_genes if min_shared_genes is not None else
                   int(config.get("canal", {}).get("min_shared_genes", 50)))
     c2r, summary = gene_mapping(data.gene_ids, self.vocab, self.active_genes, min_shared)

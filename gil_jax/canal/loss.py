@@ -52,8 +52,15 @@ def drop_tokens(batch, max_share: float, rng: jax.Array):
 
 
 def make_task_loss(backbone, label_smoothing: float, token_dropout: float = 0.0):
-  """LossFn: label-smoothed CE on labelled real cells of inputs['main'] (aux['out'] = outputs);
-  with `token_dropout` > 0 the CE sees each cell through `drop_tokens`."""
+  """LossFn: label-smoothed CE on labelled real cells of inputs['main'] (aux['out'] = outputs).
+
+  With `token_dropout` > 0 the model sees each cell through `drop_tokens`; the loss transforms
+  reading aux['out'] (CANAL's distillation, LwF) then compare that view with a teacher that
+  sees the whole cell, and EWC's Fisher is taken on the dropped view.
+  """
+  if not 0.0 <= token_dropout < 1.0:
+    raise ValueError(f"config.canal.token_dropout={token_dropout} must be in [0, 1): the largest "
+                     "share of a cell's tokens hidden during training (0 = off).")
 
   def loss_fn(params, tstates, inputs, ctx: LossContext):
     del tstates

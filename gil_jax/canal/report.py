@@ -15,6 +15,7 @@ from gil_jax.eval.report import _fmt, markdown_table, save_figure  # noqa: E402
 
 
 BASELINE_NAMES = {"logistic_regression": "logistic regression", "knn_pca": "kNN (k=15) on PCA"}
+EMBEDDING_KNN_NAME = "model's embedding, kNN (k=15) from every stage's training cells"
 BASELINE_NOTE = ("Baselines (gil_jax/eval/baselines.py) are fitted on the same training cells "
                  "(all training stages, no bank) on the model's vocabulary genes (normalised "
                  "values, 0 where a source did not measure a gene): logistic regression on "
@@ -70,6 +71,9 @@ def write_outputs(workdir: str, results: dict) -> None:
                           [[f"model ({results['mode']})", fin["accuracy"], fin["macro_f1"],
                             fin["ari"], a["average_accuracy"], a["bwt"], a["forgetting"],
                             a["n_test_cells"]]] +
+                          [[EMBEDDING_KNN_NAME, knn["test"]["accuracy"], knn["test"]["macro_f1"],
+                            knn["test"]["ari"], None, None, None, a["n_test_cells"]]
+                           for knn in [a.get("embedding_knn") or {}] if knn.get("test")] +
                           [[BASELINE_NAMES[b], e["test"]["accuracy"], e["test"]["macro_f1"],
                             e["test"]["ari"], None, None, None, a["n_test_cells"]]
                            for b, e in baselines.items() if e.get("test")]), ""]
@@ -91,6 +95,10 @@ def write_outputs(workdir: str, results: dict) -> None:
                      for be in baselines.values()), None)  # the genes the model sees, too
       rows.append([s, f"model ({results['mode']})", e["n_cells"], e["n_seen_type_cells"], shared,
                    e.get("accuracy"), e.get("macro_f1"), e.get("ari"), e.get("flagged_novel")])
+      knn = (a.get("embedding_knn") or {}).get("test_only", {}).get(s)
+      if knn:
+        rows.append([s, EMBEDDING_KNN_NAME, e["n_cells"], e["n_seen_type_cells"], shared,
+                     knn["accuracy"], knn["macro_f1"], knn["ari"], None])
       for b, be in baselines.items():
         t = be["test_only"].get(s, {})
         rows.append([s, BASELINE_NAMES[b], e["n_cells"], e["n_seen_type_cells"],

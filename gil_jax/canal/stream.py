@@ -27,6 +27,7 @@ from gil_jax.experiment import RAW_SCALE, as_names
 
 log = logging.getLogger("gil_jax")
 SOURCE_NORMALISATIONS = batching.NORMALISATIONS
+DEPTH_INPUT = "reference"  # run meta: annotation models see every cell at size factor 1
 
 
 @dataclasses.dataclass
@@ -54,20 +55,24 @@ class Stream:
     return list(self.data.gene_ids[panels.any(0)])
 
 
-def normalise_values(data: CellData, how: str, source: str) -> CellData:
-  """Returns `data` with X in ln(1 + CP10k) units (host-side, per source) and every size factor 1.
+def normalise_values(data: CellData, how: str, source: str,
+                     reference_depth: bool = True) -> CellData:
+  """Returns `data` with X in ln(1 + CP10k) units (host-side, per source); with
+  `reference_depth` (annotation models) every size factor is then 1.
 
   The annotator sees each cell at the reference depth: a pre-normalised file carries no library
   size (its stand-in, the sum of the file's values, differs by file format: -3.1 for panc8's
   ln CP10k layer, -0.9 for Baron's counts in log units), so the depth token would otherwise tell
   the classifier which file a cell came from, and the same cells given as counts or as
-  ln(1 + CP10k) would get different labels.
+  ln(1 + CP10k) would get different labels. Gene-incremental models were trained on real size
+  factors and keep them (`reference_depth=False`).
   """
+  at_depth = _at_reference_depth if reference_depth else (lambda d: d)
   if how not in SOURCE_NORMALISATIONS:
     raise DataError(f"source {source!r}: unknown normalisation {how!r}; use one of "
                     f"{SOURCE_NORMALISATIONS} (config.canal.sources.{source}.normalisation).")
   if how == "none":
-    return _at_reference_depth(data)
+    return at_depth(data)
   if how == "log1p_cp10k" and not data.is_counts:
     log.warning("source %s: log1p_cp10k on non-integer values; set normalisation='none' for "
                 "pre-normalised files", source)
@@ -81,11 +86,21 @@ def normalise_values(data: CellData, how: str, source: str) -> CellData:
                       ".normalisation).")
   if not sp.issparse(data.X):  # lazily read: normalised as rows are read, same arithmetic
     data.X.normalise_on_read(how, data.size_factors)  # keeps its own copy of the factors
-    return _at_reference_depth(data)
+    return at_depth(data)
   x = data.X.copy().tocsr()
   rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
   x.data = batching.normalise(x.data, data.size_factors[rows], how)
-  return _at_reference_depth(dataclasses.replace(data, X=sp.csr_matrix(x)))
+  return at_depth(dataclasses.replace(data, X=sp.csr_matrix(x)))
+
+
+def warn_if_old_depth_input(meta: dict, what: str) -> None:
+  """Runs saved before annotation moved to the reference depth fed the depth token each file's
+  size-factor stand-in; they now see size factor 1, so their labels can change."""
+  if meta.get("kind") == "canal" and meta.get("depth_input") != DEPTH_INPUT:
+    log.warning("%s was trained before annotation moved to the reference depth (every cell at "
+                "size factor 1); its depth token now sees another input than in training, so "
+                "its labels can differ from its saved figures. Retrain it for consistent results.",
+                what)
 
 
 def _at_reference_depth(data: CellData) -> CellData:

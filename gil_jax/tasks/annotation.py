@@ -26,7 +26,7 @@ from gil_jax.canal import report
 from gil_jax.canal.evaluate import check_novelty_rule, final_evaluation, novelty_calibration
 from gil_jax.canal.labels import LabelVocab
 from gil_jax.canal.model import eval_step_for, init_params, load_gil_params, trainable_labels
-from gil_jax.canal.stream import Stream, build_stream
+from gil_jax.canal.stream import DEPTH_INPUT, Stream, build_stream, warn_if_old_depth_input
 from gil_jax.data import anndata_io, batching
 from gil_jax.data.vocab import GeneVocab
 from gil_jax.data.corpus import resolve_path
@@ -212,10 +212,11 @@ class Runner(loop.Runner):
                                      for n in c.sources},
             "stages": [{"name": s.name, "source": s.source, "n_train": int(len(s.train_cells)),
                         "n_test": int(len(s.test_cells))} for s in stream.stages],
-            "gil_init": self.gil_init, "novelty": self.calib}
+            "gil_init": self.gil_init, "novelty": self.calib, "depth_input": DEPTH_INPUT}
 
   def restore_meta(self, meta: dict) -> None:
     self.calib = meta.get("novelty")
+    warn_if_old_depth_input(meta, "this run")
 
   def finish(self, state: TrainState | None, results: dict) -> dict:
     last = len(self.train_plan) - 1
