@@ -586,3 +586,16 @@ def test_gene_incremental_models_keep_real_depth_and_old_annotation_runs_warn(gi
     stream_lib.warn_if_old_depth_input({"kind": "gil"}, "gil run")
   warned = [r.getMessage().split(" was")[0] for r in caplog.records if r.levelname == "WARNING"]
   assert warned == ["old run"]
+
+
+def test_run_without_held_out_cells_finishes_with_empty_scores(tmp_path):
+  """config.canal.test_fraction = 0 trains on every cell: the run ends with null scores and no
+  confusion plot instead of failing after training."""
+  path = _sim(tmp_path)[0]
+  res = loop.train_annotation(_config(path, test_fraction=0.0), str(tmp_path / "run"))
+  a = res["annotation"]
+  assert a["n_test_cells"] == 0 and a["final"]["accuracy"] is None and a["confusion"] is None
+  assert a["average_accuracy"] is None and a["bwt"] is None
+  assert a["embedding_knn"]["test"] is None
+  assert os.path.exists(tmp_path / "run" / "report.md")
+  assert not os.path.exists(tmp_path / "run" / "confusion.png")

@@ -86,16 +86,20 @@ def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names
   withheld = stream.withheld
   test = np.concatenate([s.test_cells for s in stream.stages])
   known = test[~np.isin(stream.labels[test], withheld)]
-  out = runner.predict(state.params, state.active_genes, state.active_classes, known, c2r)
-  y_true, y_pred = stream.labels[known], names[np.argmax(out["logits"], -1)]
+  y_true = stream.labels[known]
+  if len(known):
+    out = runner.predict(state.params, state.active_genes, state.active_classes, known, c2r)
+    y_pred = names[np.argmax(out["logits"], -1)]
+  else:  # config.canal.test_fraction = 0: every cell trained on, nothing held out to score
+    out, y_pred = {}, np.zeros(0, object)
   res = {"stage_names": stage_names, "accuracy_matrix": acc,
          "final": metrics.classification(y_true, y_pred),
          "average_accuracy": metrics.average_accuracy(acc),
          "bwt": None if joint else metrics.bwt(acc),
          "forgetting": None if joint else metrics.forgetting(acc),
          "n_test_cells": int(len(known)), "classes": labels.names, "novel": None,
-         "confusion": _confusion(y_true, y_pred)}
-  if withheld:
+         "confusion": _confusion(y_true, y_pred) if len(known) else None}
+  if withheld and len(test):
     out_all = runner.predict(state.params, state.active_genes, state.active_classes, test, c2r)
     nov = detect_novel(runner.config, state, out_all, calib,
                        key=jax.random.PRNGKey(runner.config.seed))

@@ -22,13 +22,20 @@ def _matrix(acc: Sequence[Sequence[float | None]]) -> np.ndarray:
   return np.array([[np.nan if v is None else v for v in row] for row in acc], float)
 
 
+def _nanmean(values) -> float | None:
+  """Mean of the finite entries; None when there are none (no held-out cells were scored)."""
+  v = np.asarray(values, float)
+  v = v[np.isfinite(v)]
+  return float(v.mean()) if v.size else None
+
+
 def bwt(acc: Sequence[Sequence[float | None]]) -> float | None:
   """Backward transfer: mean_j<T (A[T-1, j] − A[j, j]); negative = forgetting."""
   a = _matrix(acc)
   t = a.shape[0]
   if t < 2:
     return None
-  return float(np.nanmean([a[-1, j] - a[j, j] for j in range(t - 1)]))
+  return _nanmean([a[-1, j] - a[j, j] for j in range(t - 1)])
 
 
 def forgetting(acc: Sequence[Sequence[float | None]]) -> float | None:
@@ -37,12 +44,13 @@ def forgetting(acc: Sequence[Sequence[float | None]]) -> float | None:
   t = a.shape[0]
   if t < 2:
     return None
-  return float(np.nanmean([np.nanmax(a[j:-1, j]) - a[-1, j] for j in range(t - 1)]))
+  return _nanmean([np.max(a[j:-1, j], initial=-np.inf, where=np.isfinite(a[j:-1, j])) - a[-1, j]
+                   for j in range(t - 1)])
 
 
-def average_accuracy(acc: Sequence[Sequence[float | None]]) -> float:
+def average_accuracy(acc: Sequence[Sequence[float | None]]) -> float | None:
   """Mean of the last row (accuracy on every stage's held-out cells after the final stage)."""
-  return float(np.nanmean(_matrix(acc)[-1]))
+  return _nanmean(_matrix(acc)[-1])
 
 
 def h_score(known: float, unknown: float) -> float:

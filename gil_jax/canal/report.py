@@ -47,8 +47,9 @@ def write_outputs(workdir: str, results: dict) -> None:
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   a = results["annotation"]
-  plot_confusion(a["confusion"], os.path.join(workdir, "confusion.png"),
-                 f"{results['experiment']} ({results['mode']}): held-out cells after last stage")
+  if a["confusion"] is not None:  # None: no held-out cells (config.canal.test_fraction = 0)
+    plot_confusion(a["confusion"], os.path.join(workdir, "confusion.png"),
+                   f"{results['experiment']} ({results['mode']}): held-out cells after last stage")
   names = a["stage_names"]
   n_rows = len(a["accuracy_matrix"])
   row_names = names if n_rows == len(names) else ["joint"]
@@ -107,7 +108,8 @@ def write_outputs(workdir: str, results: dict) -> None:
     parts += ["## Test-only sources (accuracy on cells of seen types)", "",
               markdown_table(["source", "method", "cells", "seen-type cells", "shared genes",
                               "accuracy", "macro-F1", "ARI", "flagged novel"], rows), ""]
-  parts += ["![confusion matrix](confusion.png)", ""]
+  if a["confusion"] is not None:
+    parts += ["![confusion matrix](confusion.png)", ""]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(parts))
 
