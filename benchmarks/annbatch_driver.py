@@ -74,9 +74,10 @@ def main(a) -> dict:
   for key, work in (("annbatch_rows_only_cells_per_s", None),
                     ("annbatch_cells_per_s", tokenise)):
     it = iter(loader())
-    x = next(it)["X"]  # start-up (first fetch of preload_nchunks chunks) is not timed
-    if work is not None:
-      work(x, np.random.default_rng(0))
+    for _ in range(a.warmup):  # start-up (first fetches of preload_nchunks chunks): not timed
+      x = next(it)["X"]
+      if work is not None:
+        work(x, np.random.default_rng(0))
     rng, n, t = np.random.default_rng(1), 0, time.perf_counter()
     for _ in range(a.steps):
       x = next(it)["X"]
@@ -105,7 +106,8 @@ if __name__ == "__main__":
   p.add_argument("--collection", required=True, help="annbatch collection (.zarr), made once")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq-len", dest="seq_len", type=int, default=128)
-  p.add_argument("--steps", type=int, default=400)
+  p.add_argument("--steps", type=int, default=1000)
+  p.add_argument("--warmup", type=int, default=200, help="untimed batches first")
   p.add_argument("--chunk-size", dest="chunk_size", type=int, default=16,
                  help="contiguous rows per read (the project's --block)")
   p.add_argument("--preload-nchunks", dest="preload_nchunks", type=int, default=64)

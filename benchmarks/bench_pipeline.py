@@ -6,7 +6,8 @@ arrays, in cells/s, through the training loader (`gil_jax/data/loader.py`, grain
   python benchmarks/bench_pipeline.py --corpus ../shared/data/pbmc_3chem_10x_scWGParis_nolabels.h5ad
 
 For each worker count (`--workers 0,1,2`: 0 = one background thread) it times `--steps` steps
-after the first (start-up is reported apart), with block shuffling (`--block` consecutive cells
+after `--warmup` untimed ones (worker start-up and filling queues; the first batch's seconds are
+reported apart), so the rate is the steady state; with block shuffling (`--block` consecutive cells
 per unit). Beside it, on the same cells in the same order, anndata's own backed mode
 (`read_h5ad(backed='r')`, `X[rows]`): rows read only, no tokenisation, so an upper bound for a
 reader built on it. With `--grain`, the same batches through grain's `mp_prefetch` with 2
@@ -42,10 +43,12 @@ from gil_jax import parallel  # noqa: E402
 from gil_jax.data import batching, corpus, loader  # noqa: E402
 
 
-def _time_loader(make, steps: int, workers: int, put) -> tuple[float, float]:
-  """(first-batch seconds, cells/s over the following steps). Cells are counted on the host
-  side of `put` (reading a device array back per batch would time the transfer back too); the
-  last batch is waited for."""
+def _time_loader(make, steps: int, workers: int, put, warmup: int) -> tuple[float, float]:
+  """(first-batch seconds, cells/s over `steps` steps after `warmup` untimed ones). The warm-up
+  covers the worker processes' start (a spawned worker imports jax and reopens the corpus, ~2 s
+  here) and fills the prefetch queues, so the rate is the steady state. Cells are counted on the
+  host side of `put` (reading a device array back per batch would time the transfer back too);
+  the last batch is waited for."""
   counted = []
 
   def put_and_count(sb):
@@ -53,16 +56,19 @@ def _time_loader(make, steps: int, workers: int, put) -> tuple[float, float]:
     return put(sb)
 
   t0 = time.perf_counter()
-  with loader.StepIterator(make, 0, steps + 1, workers=workers, prefetch=4,
+  with loader.StepIterator(make, 0, warmup + steps, workers=workers, prefetch=4,
                            post=put_and_count) as it:
     _, b = next(it)
     jax.block_until_ready(b.values)
     first = time.perf_counter() - t0
-    t, n0 = time.perf_counter(), len(counted)
+    for _ in range(warmup - 1):
+      _, b = next(it)
+    jax.block_until_ready(b.values)
+    t = time.perf_counter()
     for _, b in it:
       pass
     jax.block_until_ready(b.values)
-  return first, sum(counted[1:]) / (time.perf_counter() - t) if n0 else 0.0
+  return first, sum(counted[warmup:]) / (time.perf_counter() - t)
 
 
 def _anndata_backed(files: list[str], rows_per_step: list[np.ndarray]) -> float:
@@ -91,7 +97,7 @@ def _annbatch(args) -> dict:
   driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "annbatch_driver.py")
   cmd = [args.annbatch_python, driver, "--corpus", args.corpus, "--collection",
          args.annbatch_collection, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-         "--steps", str(args.steps), "--chunk-size", str(args.block)]
+         "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk-size", str(args.block)]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
   if done.returncode or not lines:
@@ -99,26 +105,29 @@ def _annbatch(args) -> dict:
   return json.loads(lines[-1])
 
 
-def _time_grain(make, steps: int, put, workers: int = 2, group: int = 8) -> float:
-  """cells/s of the same batches through grain's mp_prefetch (groups of `group` steps)."""
+def _time_grain(make, steps: int, put, warmup: int, workers: int = 2, group: int = 8) -> float:
+  """cells/s of the same batches through grain's mp_prefetch (groups of `group` steps), after
+  the groups holding the first `warmup` steps."""
   import grain  # noqa: PLC0415 (optional)
   from absl import flags  # noqa: PLC0415
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  n_groups = -(-(steps + group) // group)
+  skip = max(1, -(-warmup // group))
+  n_groups = skip + -(-steps // group)
   ds = grain.MapDataset.range(n_groups).map(
       lambda g: [make(s) for s in range(g * group, (g + 1) * group)]).to_iter_dataset(
           grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
   it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                         per_worker_buffer_size=4)))
-  first = next(it)
+  for _ in range(skip):
+    out = put(next(it)[-1])
+  jax.block_until_ready(out[1].values)
   t, n = time.perf_counter(), 0
   for items in it:
     for sb in items:
       out = put(sb)
       n += int(np.sum(sb[1].cell_mask))
   jax.block_until_ready(out[1].values)
-  del first
   return n / (time.perf_counter() - t)
 
 
@@ -135,9 +144,9 @@ def run(args) -> dict:
                                   block=args.block)
   out = {"corpus": args.corpus, "files": len(files), "cells": data.n_cells,
          "genes": data.n_genes, "batch": args.batch, "seq_len": args.seq_len,
-         "steps": args.steps, "block": args.block, "open_s": round(open_s, 3)}
+         "steps": args.steps, "warmup_steps": args.warmup, "block": args.block, "open_s": round(open_s, 3)}
   for w in [int(x) for x in args.workers.split(",")]:
-    first, rate = _time_loader(make, args.steps, w, put)
+    first, rate = _time_loader(make, args.steps, w, put, args.warmup)
     out[f"workers{w}_first_batch_s"] = round(first, 2)
     out[f"workers{w}_cells_per_s"] = round(rate, 1)
   best = max(v for k, v in out.items() if k.endswith("_cells_per_s"))
@@ -147,7 +156,7 @@ def run(args) -> dict:
   out["anndata_backed_rows_only_cells_per_s"] = round(backed, 1)
   workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # before annbatch
   if args.grain:
-    out["grain_mp_prefetch_2_workers_cells_per_s"] = round(_time_grain(make, args.steps, put), 1)
+    out["grain_mp_prefetch_2_workers_cells_per_s"] = round(_time_grain(make, args.steps, put, args.warmup), 1)
   out.update(_annbatch(args))
   out["best_cells_per_s"] = best
   out["ratio_to_anndata_backed_rows_only"] = round(best / backed, 2)
@@ -167,7 +176,9 @@ if __name__ == "__main__":
                       "or a manifest")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq-len", dest="seq_len", type=int, default=128)
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=1000, help="timed steps per loader")
+  p.add_argument("--warmup", type=int, default=200,
+                 help="untimed steps first (worker start-up, queues filling)")
   p.add_argument("--workers", default="0,1,2")
   p.add_argument("--block", type=int, default=16, help="cells per shuffled unit")
   p.add_argument("--grain", action="store_true", help="also time grain's mp_prefetch")
@@ -178,5 +189,7 @@ if __name__ == "__main__":
                       "CORPUS.annbatch.zarr)")
   p.add_argument("--json", action="store_true")
   a = p.parse_args()
+  if a.warmup < 1 or a.steps < 1:
+    p.error("--steps and --warmup must be >= 1")
   a.annbatch_collection = a.annbatch_collection or a.corpus.rstrip("/") + ".annbatch.zarr"
   emit(run(a), a.json)

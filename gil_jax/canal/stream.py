@@ -46,13 +46,43 @@ class Stream:
   stages: list[AnnotStage]
   test_only: dict[str, np.ndarray]   # source -> cells
   withheld: list[str]
+  confounded: np.ndarray | None = None  # bool[genes]: left out (class_confounded_genes)
+
+  def __post_init__(self):
+    if self.confounded is None:
+      self.confounded = np.zeros(self.data.n_genes, bool)
 
   def stage_genes(self, k: int) -> list[str]:
-    """Genes measured by the datasets of stage k's cells."""
+    """Genes measured by the datasets of stage k's cells (class-confounded ones left out)."""
     st = self.stages[k]
     cells = np.concatenate([st.train_cells, st.val_cells, st.test_cells])
     panels = self.data.panel[np.unique(self.data.dataset_index[cells])]
-    return list(self.data.gene_ids[panels.any(0)])
+    return list(self.data.gene_ids[panels.any(0) & ~self.confounded])
+
+
+def class_confounded_genes(data: CellData, labels: np.ndarray, stages: list[AnnotStage],
+                           min_coverage: float) -> np.ndarray:
+  """bool[genes]: genes that the training sources measuring them cover fewer than
+  `min_coverage` of the training cell types for (0: none).
+
+  A token is a detected gene, so a gene measured only by studies that hold some types is
+  evidence for those types whatever its value: in the pancreas files, 38 genes of Wang's panel
+  are measured among the training studies by Xin alone, whose cells are all endocrine, and a
+  model trained with them calls Wang's ductal cells endocrine. Test-only sources do not count.
+  """
+  if not 0.0 <= min_coverage <= 1.0:
+    raise DataError(f"config.canal.min_gene_class_coverage={min_coverage} must be in [0, 1] (a "
+                    "share of the training cell types; 0 keeps every gene).")
+  if min_coverage == 0.0 or not stages:
+    return np.zeros(data.n_genes, bool)
+  train = np.concatenate([s.train_cells for s in stages])
+  classes, cls = np.unique(labels[train], return_inverse=True)
+  held = np.zeros((data.panel.shape[0], len(classes)), bool)  # dataset x training type
+  held[data.dataset_index[train], cls] = True
+  measured = data.panel.astype(np.int32)                       # dataset x gene
+  covered = (measured.T @ held.astype(np.int32)) > 0            # gene x training type
+  by_training = measured[np.unique(data.dataset_index[train])].any(0)
+  return by_training & (covered.sum(1) < min_coverage * len(classes))
 
 
 def normalise_values(data: CellData, how: str, source: str,
@@ -251,4 +281,11 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
     if len(s.train_cells) == 0:
       raise DataError(f"stage {s.name!r} has no training cells left; check config.canal.withhold "
                       "and config.canal.test_fraction.")
-  return Stream(data=data, labels=labels, stages=stages, test_only=test_cells, withheld=withheld)
+  confounded = class_confounded_genes(data, labels, stages,
+                                      float(c.get("min_gene_class_coverage", 0.0)))
+  if confounded.any():
+    log.info("%d genes left out as class-confounded (their training sources hold < %.0f%% of "
+             "the training cell types; config.canal.min_gene_class_coverage)",
+             int(confounded.sum()), 100 * float(c.min_gene_class_coverage))
+  return Stream(data=data, labels=labels, stages=stages, test_only=test_cells, withheld=withheld,
+                confounded=confounded)

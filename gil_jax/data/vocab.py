@@ -19,6 +19,9 @@ class VocabularyError(ValueError):
   """The gene vocabulary cannot satisfy a request (capacity, unknown or duplicate genes)."""
 
 
+NEVER = 2**31 - 1  # activated_at of a gene that keeps its row but is never active
+
+
 @dataclasses.dataclass
 class GeneVocab:
   """Gene id -> table row, with the stage at which each gene became active."""

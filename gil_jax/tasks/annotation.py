@@ -28,7 +28,7 @@ from gil_jax.canal.labels import LabelVocab
 from gil_jax.canal.model import eval_step_for, init_params, load_gil_params, trainable_labels
 from gil_jax.canal.stream import DEPTH_INPUT, Stream, build_stream, warn_if_old_depth_input
 from gil_jax.data import anndata_io, batching
-from gil_jax.data.vocab import GeneVocab
+from gil_jax.data.vocab import NEVER, GeneVocab
 from gil_jax.data.corpus import resolve_path
 from gil_jax.experiment import as_names
 from gil_jax.losses import registry
@@ -41,8 +41,10 @@ from gil_jax.core.state import TrainState, init_state, make_optimizer
 def build_vocabs(config, stream: Stream, gil_vocab: GeneVocab | None):
   """Gene vocabulary (stage k activates its datasets' genes) and label vocabulary."""
   joint = registry.preset(config).joint
-  if gil_vocab is not None:
-    vocab = dataclasses.replace(gil_vocab, activated_at=[0] * len(gil_vocab))
+  if gil_vocab is not None:  # every pre-trained gene active, except class-confounded ones
+    left_out = set(stream.data.gene_ids[stream.confounded])
+    vocab = dataclasses.replace(gil_vocab, activated_at=[
+        NEVER if g in left_out else 0 for g in gil_vocab.gene_ids])
     vocab.__post_init__()
   else:
     vocab = GeneVocab(config.genes.capacity)
@@ -56,7 +58,7 @@ def build_vocabs(config, stream: Stream, gil_vocab: GeneVocab | None):
 
 def columns_to_rows(stream: Stream, vocab: GeneVocab, stage: int) -> np.ndarray:
   rows = vocab.rows(list(stream.data.gene_ids), missing="pad")
-  return np.where(vocab.active_mask(stage)[rows], rows, 0).astype(np.int32)
+  return np.where(vocab.active_mask(stage)[rows] & ~stream.confounded, rows, 0).astype(np.int32)
 
 
 class Runner(loop.Runner):
