@@ -599,3 +599,61 @@ def test_run_without_held_out_cells_finishes_with_empty_scores(tmp_path):
   assert a["embedding_knn"]["test"] is None
   assert os.path.exists(tmp_path / "run" / "report.md")
   assert not os.path.exists(tmp_path / "run" / "confusion.png")
+
+
+def _confounded_sources(tmp_path, n_extra=6):
+  """Two labelled sources on the same genes, except `n_extra` genes that only the second one
+  measures, and it holds one cell type of the first one's four."""
+  import ml_collections
+  import scipy.sparse as sp
+  path, _ = sim_h5ad(tmp_path, "full.h5ad", seed=0)
+  _, b = sim_h5ad(tmp_path, "narrow_src.h5ad", seed=1)
+  b = b[b.obs["cell_type"] == b.obs["cell_type"].astype(str).iloc[0]].copy()
+  extra = np.random.default_rng(0).poisson(3.0, (b.n_obs, n_extra)).astype(np.float32)
+  narrow = ad.AnnData(sp.hstack([sp.csr_matrix(b.X), sp.csr_matrix(extra)]).tocsr(), obs=b.obs,
+                      var=ad.AnnData(var=None, obs=None).var.reindex(
+                          list(b.var_names) + [f"extra{i}" for i in range(n_extra)]))
+  narrow_path = str(tmp_path / "narrow.h5ad")
+  narrow.write_h5ad(narrow_path)
+  c = _config(path)
+  c.canal.sources.sim.split_column = ""
+  c.canal.sources.narrow = ml_collections.ConfigDict(dict(
+      file=narrow_path, label_column="cell_type", normalisation="log1p_cp10k", split_column="",
+      split_values=()))
+  return c, [f"extra{i}" for i in range(n_extra)]
+
+
+def test_class_confounded_genes_are_left_out_of_the_vocabulary_and_ignored(tmp_path):
+  """Genes measured only by a source that holds 1 of 4 types are left out at coverage 0.5 (not
+  at 0): never active, not in the data's rows, and a query's labels ignore their values."""
+  from gil_jax.data.vocab import GeneVocab
+  c, extra = _confounded_sources(tmp_path)
+  c.canal.min_gene_class_coverage = 0.0
+  assert not stream_lib.build_stream(c).confounded.any()
+  c.canal.min_gene_class_coverage = 0.5
+  s = stream_lib.build_stream(c)
+  assert sorted(s.data.gene_ids[s.confounded]) == extra
+  vocab, _ = loop.build_vocabs(c, s, None)
+  assert not set(extra) & set(vocab.gene_ids) and len(vocab) == s.data.n_genes - len(extra)
+  c2r = loop.columns_to_rows(s, vocab, len(s.stages) - 1)
+  assert (c2r[s.confounded] == 0).all() and (c2r[~s.confounded] > 0).all()
+  pre = GeneVocab(256, gene_ids=list(s.data.gene_ids), activated_at=[0] * s.data.n_genes)
+  vocab, _ = loop.build_vocabs(c, s, pre)  # a pre-trained table keeps their rows, inactive
+  active = vocab.active_mask(len(s.stages) - 1)[vocab.rows(list(s.data.gene_ids))]
+  np.testing.assert_array_equal(active, ~s.confounded)
+  assert (loop.columns_to_rows(s, vocab, 0)[s.confounded] == 0).all()
+  c.canal.min_gene_class_coverage = 1.5
+  with pytest.raises(DataError, match="min_gene_class_coverage=1.5 must be in"):
+    stream_lib.build_stream(c)
+
+  c.canal.min_gene_class_coverage = 0.5
+  res = loop.train_annotation(c, str(tmp_path / "run"))
+  assert res["annotation"]["n_confounded_genes"] == len(extra)
+  query = ad.read_h5ad(str(tmp_path / "narrow.h5ad"))  # normalised once: a value changed below
+  x = query.X.toarray()                                 # moves no other gene's value
+  query.X = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+  model = annotate.Model(str(tmp_path / "run"))
+  before = model.annotate(query, normalisation="none")
+  query.X[:, -len(extra):] *= 5.0
+  after = model.annotate(query, normalisation="none")
+  np.testing.assert_array_equal(before.obsm["gil_probabilities"], after.obsm["gil_probabilities"])
