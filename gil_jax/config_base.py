@@ -198,8 +198,8 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
       # training only: hide a random share (up to this, per cell) of each cell's tokens, so that
       # no type is learnt from how many of the panel's genes its studies measure
       token_dropout=0.0,
-      # leave out genes measured only by training sources that together hold fewer than this
-      # share of the training cell types (0 = keep all): their presence says which study a cell
-      # comes from, and through it the type (stream.class_confounded_genes)
+      # joint training: leave out genes measured only by training sources that together hold
+      # fewer than this share of the training cell types (0 = keep all): their presence says
+      # which study a cell comes from, and through it the type (stream.class_confounded_genes)
       min_gene_class_coverage=0.0))
   return c

@@ -647,6 +647,9 @@ def test_class_confounded_genes_are_left_out_of_the_vocabulary_and_ignored(tmp_p
     stream_lib.build_stream(c)
 
   c.canal.min_gene_class_coverage = 0.5
+  with pytest.raises(DataError, match="does not know yet; use it with --config.method=joint"):
+    loop.train_annotation(c, str(tmp_path / "continual"))  # later stages' types: not knowable
+  c.method = "joint"
   res = loop.train_annotation(c, str(tmp_path / "run"))
   assert res["annotation"]["n_confounded_genes"] == len(extra)
   query = ad.read_h5ad(str(tmp_path / "narrow.h5ad"))  # normalised once: a value changed below

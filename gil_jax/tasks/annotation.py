@@ -253,6 +253,12 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
     with guards.user_errors("invalid config or data"):
       registry.transform_names(config)
       check_novelty_rule(config)
+      if float(c.get("min_gene_class_coverage", 0.0)) > 0 and not registry.preset(config).joint:
+        raise anndata_io.DataError(
+            f"config.canal.min_gene_class_coverage={c.min_gene_class_coverage} reads every "
+            "training source's cell types before training, which a continual run (method "
+            f"{config.method!r}) does not know yet; use it with --config.method=joint, or set "
+            "it to 0.")
       stream = build_stream(config)
       gil_vocab, init_backbone, gil_init = None, None, None
       if c.init_workdir:
