@@ -144,7 +144,8 @@ def run(args) -> dict:
                                   block=args.block)
   out = {"corpus": args.corpus, "files": len(files), "cells": data.n_cells,
          "genes": data.n_genes, "batch": args.batch, "seq_len": args.seq_len,
-         "steps": args.steps, "warmup_steps": args.warmup, "block": args.block, "open_s": round(open_s, 3)}
+         "steps": args.steps, "warmup_steps": args.warmup, "block": args.block,
+         "open_s": round(open_s, 3)}
   for w in [int(x) for x in args.workers.split(",")]:
     first, rate = _time_loader(make, args.steps, w, put, args.warmup)
     out[f"workers{w}_first_batch_s"] = round(first, 2)
@@ -156,7 +157,8 @@ def run(args) -> dict:
   out["anndata_backed_rows_only_cells_per_s"] = round(backed, 1)
   workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # before annbatch
   if args.grain:
-    out["grain_mp_prefetch_2_workers_cells_per_s"] = round(_time_grain(make, args.steps, put, args.warmup), 1)
+    out["grain_mp_prefetch_2_workers_cells_per_s"] = round(
+        _time_grain(make, args.steps, put, args.warmup), 1)
   out.update(_annbatch(args))
   out["best_cells_per_s"] = best
   out["ratio_to_anndata_backed_rows_only"] = round(best / backed, 2)

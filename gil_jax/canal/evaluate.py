@@ -154,8 +154,11 @@ def final_evaluation(runner, state, stream, labels, label_rows, c2r, stage_names
                    else None)
     res["test_only"][src] = entry
   # the baselines keep the genes the model leaves out as class-confounded (the stronger baseline)
+  left_out = stream.confounded.copy()
+  if runner.gil_init is not None:  # a pre-trained gene table: only its genes were usable
+    left_out &= np.isin(stream.data.gene_ids, runner.gene_vocab.gene_ids)
   res["baselines"] = baselines.annotation_baselines(
-      stream, np.flatnonzero((c2r > 0) | stream.confounded), train, known, seen_only)
+      stream, np.flatnonzero((c2r > 0) | left_out), train, known, seen_only)
   res["n_confounded_genes"] = int(stream.confounded.sum())
   return res
 
