@@ -142,6 +142,9 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   # annotation inputs: 'none' (normalised values) | 'cell_rank' (each value's quantile rank
   # among the cell's detected genes: robust to how another study normalised its values)
   c.batch.value_scale = "none"
+  # detection floor, ln(1 + CP10k): smaller values are not tokens (one count in a 10k-count cell
+  # is 0.69; a deep full-length cell detects many genes far below that, a droplet cell none)
+  c.batch.min_value = 0.0
 
   c.model = models.model_config(model)
 

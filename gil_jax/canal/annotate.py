@@ -244,6 +244,7 @@ class Model:
                               n_tokens=int(config.batch.n_tokens), mask_ratio=0.0,
                               normalisation="none", sampling=str(config.batch.sampling),
                               zero_tokens=int(config.batch.zero_tokens),
+                              min_value=float(config.batch.get("min_value", 0.0)),
                               value_scale=str(config.batch.get("value_scale", "none")))
     classes = (np.asarray(self.state["active_classes"], bool) if self.is_annotation else None)
     outs = []

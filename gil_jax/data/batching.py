@@ -1,7 +1,8 @@
 """Cells -> fixed-shape numpy `Batch`es (host side, vectorised over the cells of a batch).
 
 A cell's tokens are its non-zero measured genes whose data column maps to a non-zero gene-table
-row (`columns_to_rows`, from `stages.stage_columns`); optionally some measured zeros. If there are
+row (`columns_to_rows`, from `stages.stage_columns`), at or above an optional detection floor
+(`min_value`); optionally some measured zeros. If there are
 more than N, N are sampled without replacement (uniform, or expression-weighted via Gumbel-top-k,
 i.e. the same law as `torch.multinomial(w, N, replacement=False)`).
 
@@ -39,6 +40,9 @@ class BatchSpec:
   # as a quantile in (0, 1] (invariant to any per-cell monotone transform: log base, size
   # factors, pseudo-counts differ between studies), for classification inputs
   value_scale: str = "none"
+  # a detection floor in ln(1 + CP10k) units: a value below it is not a token, as if the gene
+  # were not detected (0 keeps every detected gene)
+  min_value: float = 0.0
 
   def __post_init__(self):
     if self.normalisation not in NORMALISATIONS:
@@ -57,6 +61,9 @@ class BatchSpec:
       raise DataError(f"mask_ratio={self.mask_ratio} must be in [0, 1] (config.batch.mask_ratio).")
     if self.zero_tokens < 0:
       raise DataError("zero_tokens must be >= 0 (config.batch.zero_tokens).")
+    if not self.min_value >= 0.0:
+      raise DataError(f"min_value={self.min_value} must be >= 0 (config.batch.min_value, in "
+                      "ln(1 + CP10k) units; 0 keeps every detected gene).")
 
 
 # ---------------------------------------------------------------- counter-based hashing (eval)
@@ -156,11 +163,13 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
   owner = np.repeat(np.arange(nc), np.diff(sub.indptr))
   cols, raw = sub.indices, sub.data
   keep = c2r[cols] > 0
+  sf = data.size_factors[cells].astype(np.float32)
+  norm = spec.normalisation
+  if spec.min_value > 0:
+    keep &= normalise(raw, sf[owner], norm) >= spec.min_value
   if not keep.all():
     owner, cols, raw = owner[keep], cols[keep], raw[keep]
   counts = np.bincount(owner, minlength=nc)
-  sf = data.size_factors[cells].astype(np.float32)
-  norm = spec.normalisation
 
   if spec.value_scale == "cell_rank":  # quantile ranks among all the cell's kept genes
     by = np.lexsort((raw, owner))

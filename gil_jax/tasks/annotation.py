@@ -84,6 +84,7 @@ class Runner(loop.Runner):
                                    n_tokens=config.batch.n_tokens, mask_ratio=0.0,
                                    normalisation="none", sampling=config.batch.sampling,
                                    zero_tokens=config.batch.zero_tokens,
+                                   min_value=float(config.batch.get("min_value", 0.0)),
                                    value_scale=config.batch.value_scale)
     self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
     self.backbone = build_model(config.model, config.genes.capacity, "mse")
