@@ -76,6 +76,31 @@ def test_dropped_genes_never_appear(setup):
   assert np.all(b.token_mask.sum(1) == [(c2r[data.X[c].indices] > 0).sum() for c in range(32)])
 
 
+def test_detection_floor_keeps_only_values_at_or_above_it(setup):
+  """min_value: a cell's tokens are exactly its kept genes whose normalised value reaches the
+  floor (counts here: ln(1 + CP10k)); 0 leaves the batch bit-identical; negative is refused."""
+  data, plan, vocab = setup
+  c2r = stage_columns(data, vocab, plan.stages[2])
+  cells = np.arange(32)
+  sub = data.X[cells]
+  floor = float(np.median(np.log1p(sub.data / np.repeat(data.size_factors[cells],
+                                                        np.diff(sub.indptr)))))  # cuts half
+  b = make_batch(data, cells, c2r, BatchSpec(32, 400, min_value=floor), np.random.default_rng(1))
+  assert b.token_mask.any() and (b.targets[b.token_mask] >= floor).all()
+  for c in cells:
+    row = data.X[c]
+    value = np.log1p(row.data / data.size_factors[c])
+    expected = {int(g) for g in c2r[row.indices[value >= floor]] if g > 0}
+    assert set(b.gene_ids[c][b.token_mask[c]].tolist()) == expected
+  full = BatchSpec(32, 400)
+  a0 = make_batch(data, cells, c2r, full, np.random.default_rng(1))
+  a1 = make_batch(data, cells, c2r, BatchSpec(32, 400, min_value=0.0), np.random.default_rng(1))
+  _eq(a0, a1)
+  assert a0.token_mask.sum() > b.token_mask.sum()
+  with pytest.raises(ValueError, match="min_value=-1.0 must be >= 0"):
+    BatchSpec(32, 400, min_value=-1.0)
+
+
 def test_zero_tokens_and_labels(setup):
   data, plan, vocab = setup
   c2r = stage_columns(data, vocab, plan.stages[0])
