@@ -45,8 +45,8 @@ from gil_jax.data import batching, corpus, loader  # noqa: E402
 
 def _time_loader(make, steps: int, workers: int, put, warmup: int) -> tuple[float, float]:
   """(first-batch seconds, cells/s over `steps` steps after `warmup` untimed ones). The warm-up
-  covers the worker processes' start (a spawned worker imports jax and reopens the corpus, ~2 s
-  here) and fills the prefetch queues, so the rate is the steady state. Cells are counted on the
+  covers the worker processes' start (a spawned worker imports jax and reopens the corpus,
+  ~2.5 s here) and fills the prefetch queues, so the rate is the steady state. Cells are counted on the
   host side of `put` (reading a device array back per batch would time the transfer back too);
   the last batch is waited for."""
   counted = []
@@ -119,8 +119,9 @@ def _time_grain(make, steps: int, put, warmup: int, workers: int = 2, group: int
           grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
   it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                         per_worker_buffer_size=4)))
-  for _ in range(skip):
-    out = put(next(it)[-1])
+  for _ in range(skip):  # the same work per group as below, untimed
+    for sb in next(it):
+      out = put(sb)
   jax.block_until_ready(out[1].values)
   t, n = time.perf_counter(), 0
   for items in it:
@@ -152,7 +153,9 @@ def run(args) -> dict:
     out[f"workers{w}_cells_per_s"] = round(rate, 1)
   best = max(v for k, v in out.items() if k.endswith("_cells_per_s"))
   order = batching.epoch_order(np.arange(data.n_cells), 0, 0, 0, args.block)  # the loader's
-  steps = range(min(args.steps, batching.steps_per_epoch(data.n_cells, args.batch)))
+  # the steps the loaders timed (after their warm-up), within the first epoch
+  steps = range(args.warmup, min(args.warmup + args.steps,
+                                 batching.steps_per_epoch(data.n_cells, args.batch)))
   backed = _anndata_backed(files, [order[s * args.batch:(s + 1) * args.batch] for s in steps])
   out["anndata_backed_rows_only_cells_per_s"] = round(backed, 1)
   workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # before annbatch

@@ -21,7 +21,8 @@ cells the run's novelty rule flags "Unassigned" (split by seen / unseen type), f
   (b) the continual stream over the other studies' parts in the fixed order below (mode canal),
   (c) logistic regression (standardised, C=1) and (d) kNN (k=15) on 50 principal components,
       both fitted on the same training cells on the genes the held-out part shares with the
-      training vocabulary (gil_jax/eval/baselines.py).
+      training data (the model's vocabulary plus any genes it leaves out as class-confounded,
+      config.canal.min_gene_class_coverage; gil_jax/eval/baselines.py).
 Training cells: the training split of every training part (config.canal.test_fraction /
 val_fraction held out per part, stratified, seeded by the run seed). Models: mean ± s.d. over
 seeds; the baselines are deterministic given the training cells, which differ by seed only.
@@ -269,7 +270,7 @@ def markdown(agg: dict, meta: dict) -> str:
            "seen-type cells / unseen-type cells. Mean ± s.d. over seeds. For context, the row "
            f"{WITHIN!r} of each held-out study is the same run scored on the held-out cells of its "
            "training studies (config.canal.test_fraction of each, never trained on; shared genes = "
-           "the whole training vocabulary).", ""]
+           "every training gene the baselines use).", ""]
   n_seeds = {"joint": len(meta["seeds"]), "canal": len(meta["canal_seeds"]),
              "joint_embedding_knn": len(meta["seeds"]),
              "canal_embedding_knn": len(meta["canal_seeds"]),

@@ -652,11 +652,29 @@ def test_class_confounded_genes_are_left_out_of_the_vocabulary_and_ignored(tmp_p
   c.method = "joint"
   res = loop.train_annotation(c, str(tmp_path / "run"))
   assert res["annotation"]["n_confounded_genes"] == len(extra)
-  query = ad.read_h5ad(str(tmp_path / "narrow.h5ad"))  # normalised once: a value changed below
-  x = query.X.toarray()                                 # moves no other gene's value
+  # normalised once, so that a value changed below moves no other gene's value (with counts,
+  # a left-out gene still adds to the library size that CP10k divides by)
+  query = ad.read_h5ad(str(tmp_path / "narrow.h5ad"))
+  x = query.X.toarray()
   query.X = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
   model = annotate.Model(str(tmp_path / "run"))
   before = model.annotate(query, normalisation="none")
   query.X[:, -len(extra):] *= 5.0
   after = model.annotate(query, normalisation="none")
   np.testing.assert_array_equal(before.obsm["gil_probabilities"], after.obsm["gil_probabilities"])
+
+
+def test_resume_refuses_a_rebuilt_vocabulary_that_differs_from_the_checkpoint():
+  """The vocabulary is rebuilt from config, data and labels on resume; it must begin with the
+  checkpointed one (an extension may append genes), else the run stops with a message."""
+  from gil_jax import guards
+  from gil_jax.data.vocab import NEVER, GeneVocab
+  saved = GeneVocab(16, gene_ids=["a", "b", "c"], activated_at=[0, 0, 1])
+  runner = loop.Runner.__new__(loop.Runner)  # restore_meta reads only the gene vocabulary
+  meta = {"vocab": saved.to_json(), "depth_input": stream_lib.DEPTH_INPUT}
+  runner.gene_vocab = GeneVocab(16, gene_ids=["a", "b", "c", "d"], activated_at=[0, 0, 1, 2])
+  runner.restore_meta(meta)  # same prefix: a resume or an extension
+  for genes, at in ((["a", "c", "b"], [0, 1, 0]), (["a", "b", "c"], [0, 0, NEVER])):
+    runner.gene_vocab = GeneVocab(16, gene_ids=genes, activated_at=at)
+    with pytest.raises(guards.RunError, match="gene vocabulary rebuilt from the config and data"):
+      runner.restore_meta(meta)

@@ -86,7 +86,8 @@ def annotation_baselines(stream, columns: np.ndarray, train_cells: np.ndarray,
   """Baseline figures beside a CANAL run's.
 
   stream: gil_jax.canal.stream.Stream (normalised values in stream.data.X, labels, panels).
-  columns: int[genes] column indices of stream.data on the model's active vocabulary genes.
+  columns: int[genes] column indices of stream.data: the model's active vocabulary genes, plus
+    those it leaves out as class-confounded (the baselines keep every usable gene).
   train_cells / test_cells: the model's training cells and held-out test cells (known types).
   test_only: source -> cells of seen types; refitted on the columns the source measured.
   Returns {name: {"test": metrics, "test_only": {source: metrics + n_shared_genes}}}.

@@ -220,6 +220,15 @@ class Runner(loop.Runner):
   def restore_meta(self, meta: dict) -> None:
     self.calib = meta.get("novelty")
     warn_if_old_depth_input(meta, "this run")
+    if meta.get("vocab"):  # the vocabulary is rebuilt from config, data and labels: it must
+      saved = GeneVocab.from_json(meta["vocab"])  # begin with the checkpointed one
+      n = len(saved.gene_ids)
+      if (list(self.gene_vocab.gene_ids[:n]) != list(saved.gene_ids)
+          or list(self.gene_vocab.activated_at[:n]) != list(saved.activated_at)):
+        raise guards.RunError(
+            "the gene vocabulary rebuilt from the config and data differs from the checkpointed "
+            "one (genes, their order or the stage they became active); resume with the config "
+            "and files the run was trained with, or start a new workdir.")
 
   def finish(self, state: TrainState | None, results: dict) -> dict:
     last = len(self.train_plan) - 1
@@ -268,10 +277,12 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
           config.model = ml_collections.ConfigDict(saved["model"])
           config.genes.capacity = int(gil_vocab.capacity)
         known = set(gil_vocab.gene_ids)
-        n_known = sum(g in known for g in stream.data.gene_ids)
+        in_table = np.isin(stream.data.gene_ids, list(known))
+        n_known = int((in_table & ~stream.confounded).sum())  # mapped and used
         gil_init = {"workdir": os.path.abspath(c.init_workdir), "vocab_genes": len(gil_vocab),
                     "data_genes": int(stream.data.n_genes), "mapped_genes": int(n_known),
-                    "dropped_genes": int(stream.data.n_genes - n_known)}
+                    "dropped_genes": int(stream.data.n_genes - in_table.sum()),
+                    "class_confounded_genes": int((in_table & stream.confounded).sum())}
         loop.log.info("init from %s: %s", c.init_workdir, gil_init)
       if extending and gil_vocab is None:  # new genes may need a larger gene table
         genes = {g for k in range(len(stream.stages)) for g in stream.stage_genes(k)}
