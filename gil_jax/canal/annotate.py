@@ -240,12 +240,9 @@ class Model:
         embed = step_lib.make_embed_step(build_model(config.model, self.vocab.capacity,
                                                      config.train.likelihood))
         self._fn = jax.jit(lambda p, b, g, a: {"cell_emb": embed(p, b, g)})
-    spec = batching.BatchSpec(batch_size=int(config.eval.get("batch_size", 256)),  # non-semantic
-                              n_tokens=int(config.batch.n_tokens), mask_ratio=0.0,
-                              normalisation="none", sampling=str(config.batch.sampling),
-                              zero_tokens=int(config.batch.zero_tokens),
-                              min_value=float(config.batch.get("min_value", 0.0)),
-                              value_scale=str(config.batch.get("value_scale", "none")))
+    spec = batching.spec_from_config(  # the query is normalised above; nothing hidden
+        config.batch, batch_size=int(config.eval.get("batch_size", 256)), mask_ratio=0.0,
+        normalisation="none")
     classes = (np.asarray(self.state["active_classes"], bool) if self.is_annotation else None)
     outs = []
     for b in batching.eval_batches(data, np.arange(data.n_cells), c2r, spec,

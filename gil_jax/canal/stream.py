@@ -81,7 +81,7 @@ def class_confounded_genes(data: CellData, labels: np.ndarray, stages: list[Anno
   held[data.dataset_index[train], cls] = True
   measured = data.panel.astype(np.int32)                       # dataset x gene
   covered = (measured.T @ held.astype(np.int32)) > 0            # gene x training type
-  by_training = measured[np.unique(data.dataset_index[train])].any(0)
+  by_training = measured[held.any(1)].any(0)
   return by_training & (covered.sum(1) < min_coverage * len(classes))
 
 

@@ -66,6 +66,13 @@ class BatchSpec:
                       "ln(1 + CP10k) units; 0 keeps every detected gene).")
 
 
+def spec_from_config(batch, **overrides) -> BatchSpec:
+  """The BatchSpec of a config's `batch` section (a field a saved config of an older run lacks
+  takes its default); `overrides` replace fields (e.g. batch_size for evaluation)."""
+  fields = {f.name: batch[f.name] for f in dataclasses.fields(BatchSpec) if f.name in batch}
+  return BatchSpec(**{**fields, **overrides})
+
+
 # ---------------------------------------------------------------- counter-based hashing (eval)
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

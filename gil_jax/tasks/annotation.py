@@ -58,7 +58,7 @@ def build_vocabs(config, stream: Stream, gil_vocab: GeneVocab | None):
 
 def columns_to_rows(stream: Stream, vocab: GeneVocab, stage: int) -> np.ndarray:
   rows = vocab.rows(list(stream.data.gene_ids), missing="pad")
-  return np.where(vocab.active_mask(stage)[rows] & ~stream.confounded, rows, 0).astype(np.int32)
+  return np.where(vocab.active_mask(stage)[rows], rows, 0).astype(np.int32)
 
 
 class Runner(loop.Runner):
@@ -80,12 +80,8 @@ class Runner(loop.Runner):
     self.joint = self.preset.joint
     self.label_rows = labels.rows(stream.labels, missing=-1)
     self.capacity = config.genes.capacity
-    self.spec = batching.BatchSpec(batch_size=config.batch.batch_size,
-                                   n_tokens=config.batch.n_tokens, mask_ratio=0.0,
-                                   normalisation="none", sampling=config.batch.sampling,
-                                   zero_tokens=config.batch.zero_tokens,
-                                   min_value=float(config.batch.get("min_value", 0.0)),
-                                   value_scale=config.batch.value_scale)
+    # sources are normalised on the host (stream.normalise_values); no values are hidden
+    self.spec = batching.spec_from_config(config.batch, mask_ratio=0.0, normalisation="none")
     self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
     self.backbone = build_model(config.model, config.genes.capacity, "mse")
     self.init_backbone = init_backbone

@@ -46,11 +46,7 @@ class Runner(loop.Runner):
     self._vocabs: dict[int, GeneVocab] = {}
     self._gene_stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     self.reset_opt_state = bool(config.train.reset_opt_state)
-    self.spec = batching.BatchSpec(
-        batch_size=config.batch.batch_size, n_tokens=config.batch.n_tokens,
-        mask_ratio=config.batch.mask_ratio, normalisation=config.batch.normalisation,
-        sampling=config.batch.sampling, zero_tokens=config.batch.zero_tokens,
-        min_value=float(config.batch.get("min_value", 0.0)))
+    self.spec = batching.spec_from_config(config.batch)  # value_scale: 'none' (train_gil)
     self.eval_spec = dataclasses.replace(self.spec, batch_size=config.eval.batch_size)
     self.likelihood = config.train.likelihood
     self.model = build_model(config.model, self.capacity, self.likelihood)
