@@ -1,7 +1,7 @@
 """Input pipeline throughput: lazy .h5ad rows (one file or a corpus) -> token Batches -> device
 arrays, in cells/s, through the training loader (`gil_jax/data/loader.py`, grain).
 
-  python benchmarks/make_corpus.py --out /tmp/corpus && gil-jax corpus /tmp/corpus
+  python benchmarks/make_corpus.py --out /tmp/corpus && gil-jax corpus /tmp/corpus --pack
   python benchmarks/bench_pipeline.py --corpus /tmp/corpus --batch 64 --seq-len 128 --json
   python benchmarks/bench_pipeline.py --corpus ../shared/data/pbmc_3chem_10x_scWGParis_nolabels.h5ad
 
@@ -11,7 +11,9 @@ reported apart), so the rate is the steady state; with block shuffling (`--block
 per unit). Beside it, on the same cells in the same order, anndata's own backed mode
 (`read_h5ad(backed='r')`, `X[rows]`): rows read only, no tokenisation, so an upper bound for a
 reader built on it. With `--grain`, the same batches through grain's `mp_prefetch` with 2
-workers (the pipeline this project used before; needs `pip install grain`).
+workers (the pipeline this project used before; needs `pip install grain`). With a packed
+corpus (`gil-jax corpus DIR --pack`) rows come from the pack, and the same loader reading the
+.h5ad files instead is timed beside it (`files_workers{W}_cells_per_s`, the largest W).
 
 annbatch (scverse's loader) needs Python >= 3.12; this project runs 3.11, so
 `--annbatch-python PY` runs `annbatch_driver.py` with that interpreter (a venv with
@@ -24,6 +26,7 @@ Peak RSS of this process and of the worker processes is reported (ru_maxrss).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -147,11 +150,21 @@ def run(args) -> dict:
          "genes": data.n_genes, "batch": args.batch, "seq_len": args.seq_len,
          "steps": args.steps, "warmup_steps": args.warmup, "block": args.block,
          "open_s": round(open_s, 3)}
-  for w in [int(x) for x in args.workers.split(",")]:
+  out["rows_from"] = "pack" if isinstance(data.X, corpus.PackedRows) else "files"
+  workers = [int(x) for x in args.workers.split(",")]
+  for w in workers:
     first, rate = _time_loader(make, args.steps, w, put, args.warmup)
     out[f"workers{w}_first_batch_s"] = round(first, 2)
     out[f"workers{w}_cells_per_s"] = round(rate, 1)
   best = max(v for k, v in out.items() if k.endswith("_cells_per_s"))
+  if out["rows_from"] == "pack":  # the same batches read from the .h5ad files, side by side
+    plain = corpus.open_corpus(files, manifest=manifest, progress=False, use_pack=False)
+    make_files = dataclasses.replace(make, data=plain)
+    w = max(workers)
+    out[f"files_workers{w}_cells_per_s"] = round(
+        _time_loader(make_files, args.steps, w, put, args.warmup)[1], 1)
+    out["ratio_pack_to_files"] = round(out[f"workers{w}_cells_per_s"]
+                                       / out[f"files_workers{w}_cells_per_s"], 2)
   order = batching.epoch_order(np.arange(data.n_cells), 0, 0, 0, args.block)  # the loader's
   # the steps the loaders timed (after their warm-up), within the first epoch
   steps = range(args.warmup, min(args.warmup + args.steps,

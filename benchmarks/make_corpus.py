@@ -7,7 +7,7 @@ Shards share the simulator's latents (a gene means the same thing everywhere), m
 half and all of `--genes` genes each (not measured is not zero: a shard's var_names list only
 its panel), and hold integer counts (CSR) with obs `cell_type`, `batch`, `dataset`. The default,
 ~1,000 detected genes per cell, writes ~200k cells in a few minutes, no downloads. Then
-`gil-jax corpus OUT` writes the corpus manifest (`OUT/manifest.json`).
+`gil-jax corpus OUT --pack` writes the corpus manifest (`OUT/manifest.json`) and its pack.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
   gil-jax embed    --workdir RUN --input query.h5ad --output embedded.h5ad
   gil-jax info     --workdir RUN
   gil-jax corpus   DIR | FILES... [--out DIR/manifest.json] [--layer L] [--gene-column C]
+                   [--pack]
 
 annotate / embed refuse an existing --output (unless --overwrite), an output that is the input
 (also through a link) and a workdir whose training has not finished (unless --allow-partial).
@@ -225,6 +226,8 @@ def _corpus(args) -> int:
   manifest = corpus.write_manifest(paths, out, layer=args.layer or None,
                                    gene_column=args.gene_column or None,
                                    progress=not args.quiet)
+  if args.pack:
+    manifest = corpus.write_pack(out, progress=not args.quiet)
   print(json.dumps({"manifest": out, **corpus.summary(manifest)}))
   return 0
 
@@ -246,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
   c.add_argument("--out", default="", help="manifest path (default: DIR/manifest.json)")
   c.add_argument("--layer", default="", help="layer holding the values ('' = X)")
   c.add_argument("--gene-column", default="", help="var column with gene ids ('' = var_names)")
+  c.add_argument("--pack", action="store_true",
+                 help="also write the rows once more as one CSR in union-gene order "
+                      "(DIR/manifest.pack/, ~8 bytes per stored value), read by training "
+                      "instead of the files: faster batches, the same ones")
   c.add_argument("--quiet", action="store_true", help="no progress bar")
   i = sub.add_parser("info", help="what a trained workdir is (task, method, stages, classes)")
   i.add_argument("--workdir", required=True)

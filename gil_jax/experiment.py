@@ -98,7 +98,7 @@ def load_data(config: ml_collections.ConfigDict) -> anndata_io.CellData:
   if d.lazy:
     return corpus.open_corpus(files, layer=d.layer or None, gene_column=d.gene_column or None,
                               require_counts=require_counts, obs_columns=obs_columns_used(config),
-                              manifest=manifest)
+                              manifest=manifest, use_pack=d.use_pack)
   datas = [anndata_io.read_h5ad(f, layer=d.layer or None, gene_column=d.gene_column or None,
                                 require_counts=require_counts) for f in files]
   return datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(

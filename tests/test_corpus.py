@@ -159,6 +159,70 @@ def test_loader_reraises_a_batch_error():
       list(it)
 
 
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("packed"))
+  _write_shards(folder)
+  assert cli.main(["corpus", folder, "--pack", "--quiet"]) == 0
+  return folder
+
+
+def test_a_pack_holds_exactly_the_rows_the_files_give(packed):
+  files, manifest = corpus.expand_files([packed], ".")
+  data = corpus.open_corpus(files, manifest=manifest, progress=False)
+  plain = corpus.open_corpus(files, manifest=manifest, progress=False, use_pack=False)
+  assert isinstance(data.X, corpus.PackedRows) and isinstance(plain.X, corpus.LazyCorpusRows)
+  assert data.X.shape == plain.X.shape and manifest["pack"]["nnz"] == plain.X.nnz
+  rng = np.random.default_rng(0)
+  for rows in (np.arange(data.n_cells), rng.permutation(data.n_cells)[:40], [7, 7, 3, 8, 9],
+               np.arange(60, 20, -1), []):
+    a, b = data.X[rows], plain.X[rows]
+    assert a.shape == b.shape
+    for f in ("indptr", "indices", "data"):
+      np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+  np.testing.assert_array_equal(data.X.col_nnz(), plain.X.col_nnz())
+  c2r = np.arange(1, data.n_genes + 1, dtype=np.int32)
+  spec = batching.BatchSpec(batch_size=16, n_tokens=24)
+  cells = np.arange(data.n_cells)
+  for block in (1, 4):
+    mk = [batching.StageBatchMaker(d, cells, c2r, spec, 1, 0, block=block) for d in (data, plain)]
+    for step in (0, 5, 17):
+      _assert_same_batch(mk[0](step)[1], mk[1](step)[1])
+  with loader.StepIterator(mk[0], 0, 4, workers=1, group=2) as it:  # pickled into a worker
+    for s, b in it:
+      _assert_same_batch(b, mk[1](s)[1])
+
+
+def test_a_changed_missing_stale_or_unfinished_pack_is_refused_or_unused(tmp_path, monkeypatch):
+  folder = str(tmp_path / "c")
+  _write_shards(folder, 2)
+  manifest_path = os.path.join(folder, corpus.MANIFEST_NAME)
+  corpus.write_manifest(sorted(corpus.expand_files([folder], ".", use_manifest=False)[0]),
+                        manifest_path, progress=False)
+  monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+  with pytest.raises(OSError, match="disk full"):  # interrupted: no pack recorded, none used
+    corpus.write_pack(manifest_path, progress=False)
+  monkeypatch.undo()
+  files, manifest = corpus.expand_files([folder], ".")
+  assert "pack" not in manifest and not os.path.exists(os.path.join(folder, "manifest.pack"))
+  assert isinstance(corpus.open_corpus(files, manifest=manifest, progress=False).X,
+                    corpus.LazyCorpusRows)
+  corpus.write_pack(manifest_path, progress=False)
+  values = os.path.join(folder, "manifest.pack", "values.f32")
+  with open(values, "r+b") as f:
+    f.write(b"\xff\xff\xff\x7f")
+  files, manifest = corpus.expand_files([folder], ".")
+  with pytest.raises(DataError, match=r"values.f32 changed since it was written.*--pack"):
+    corpus.open_corpus(files, manifest=manifest, progress=False)
+  assert corpus.open_corpus(files, manifest=manifest, progress=False, use_pack=False).n_cells
+  os.remove(values)
+  with pytest.raises(DataError, match=r"values.f32 is missing.*use_pack=False"):
+    corpus.open_corpus(files, manifest=manifest, progress=False)
+  corpus.write_manifest(files, manifest_path, progress=False)  # files rewritten: pack is stale
+  assert "pack" not in corpus.read_manifest(manifest_path)
+  assert not os.path.exists(os.path.join(folder, "manifest.pack"))
+
+
 # ------------------------------------------------------------------ bad input
 
 def test_manifest_refuses_a_changed_or_missing_file(tmp_path):
@@ -243,6 +307,17 @@ def test_dataset_stream_on_a_corpus_interrupted_and_resumed_matches_uninterrupte
                              rtol=1e-5, equal_nan=True)
   assert [s["final_train_loss"] for s in resumed["stages"]] == pytest.approx(
       [s["final_train_loss"] for s in full["stages"]], rel=1e-5)
+
+
+def test_training_from_a_pack_equals_training_from_the_files(packed, tmp_path):
+  config = _corpus_config(packed)
+  config.train.steps_per_stage = 3
+  got = [gil.train_and_evaluate(config, str(tmp_path / str(use)), progress_bar=False)
+         for use in (True, False) if not config.data.update(use_pack=use)]
+  np.testing.assert_array_equal(np.array(got[0]["gene_regression"]["matrix"], dtype=float),
+                                np.array(got[1]["gene_regression"]["matrix"], dtype=float))
+  assert [s["final_train_loss"] for s in got[0]["stages"]] == [
+      s["final_train_loss"] for s in got[1]["stages"]]
 
 
 @pytest.mark.parametrize("plan", ["random", "expressed", "dataset_stream"])

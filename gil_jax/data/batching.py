@@ -166,9 +166,12 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
   if c2r.shape != (data.n_genes,):
     raise DataError(f"columns_to_rows has shape {c2r.shape}, expected ({data.n_genes},): build it "
                     "with stages.stage_columns for this data.")
-  sub = data.X[cells]
-  owner = np.repeat(np.arange(nc), np.diff(sub.indptr))
-  cols, raw = sub.indices, sub.data
+  if hasattr(data.X, "read"):  # lazy rows: their CSR arrays without building a matrix
+    row_nnz, cols, raw = data.X.read(cells)
+  else:
+    sub = data.X[cells]
+    row_nnz, cols, raw = np.diff(sub.indptr), sub.indices, sub.data
+  owner = np.repeat(np.arange(nc), row_nnz)
   keep = c2r[cols] > 0
   sf = data.size_factors[cells].astype(np.float32)
   norm = spec.normalisation

@@ -12,15 +12,23 @@
   order, columns the union of their genes, and each file keeps its own gene panel (a gene a file
   does not measure is "not measured", never a zero). With a manifest, every file is checked
   against its recorded size and checksum first; a changed file is refused.
+* ``write_pack(manifest_path)`` (``gil-jax corpus --pack``): the corpus's rows written once more
+  as one CSR matrix in union-gene order (``DIR/manifest.pack/``: ``indptr.npy``, ``indices.i32``,
+  ``values.f32``, the exact rows `open_corpus` reads from the files). With a pack in the
+  manifest, ``open_corpus`` reads training rows from it (`PackedRows`: one positional read per
+  run of rows, no HDF5 and no per-batch re-ordering into union-gene order) and everything else
+  (obs, panels, statistics) from the files as before; the batches are the same.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Sequence
 
@@ -34,6 +42,7 @@ from gil_jax.data.anndata_io import CellData, DataError, ValueStats
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gil_jax.corpus/1"
+PACK_ARRAYS = {"indptr": "indptr.npy", "indices": "indices.i32", "values": "values.f32"}
 
 
 def resolve_path(name: str, data_dir: str) -> str:
@@ -143,11 +152,24 @@ def write_manifest(paths: Sequence[str], out: str, *, layer: str | None = None,
               "layer": layer, "gene_column": gene_column,
               "stats_file": os.path.basename(stats_path), "stats_checksum": _file_hash(stats_path),
               "cells": sum(f["cells_used"] for f in files), "files": files}
-  tmp = out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, out)
+  shutil.rmtree(_pack_folder(out), ignore_errors=True)  # a pack of the files before: stale
+  _write_json(out, manifest)
   return manifest
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _without_runtime_fields(manifest: dict) -> dict:
+  """The manifest as stored: without the fields `read_manifest` adds."""
+  out = {k: v for k, v in manifest.items() if k != "abspath"}
+  out["files"] = [{k: v for k, v in f.items() if k not in ("abspath", "scan")}
+                  for f in manifest["files"]]
+  return out
 
 
 def read_manifest(path: str, verify: bool = True) -> dict:
@@ -163,6 +185,7 @@ def read_manifest(path: str, verify: bool = True) -> dict:
     raise DataError(f"{path} is not a gil_jax corpus manifest (format {FORMAT!r}); write one with "
                     "`gil-jax corpus DIR`.")
   folder = os.path.dirname(os.path.abspath(path))
+  m["abspath"] = os.path.abspath(path)
   stats_path = os.path.join(folder, m["stats_file"])
   fix = f"rewrite the manifest: `gil-jax corpus {folder}`"
   if not os.path.isfile(stats_path) or (verify and _file_hash(stats_path) != m["stats_checksum"]):
@@ -256,6 +279,145 @@ class LazyCorpusRows:
       p.close()
 
 
+class PackedRows:
+  """Rows of a corpus pack (`write_pack`): the interface of `LazyCorpusRows`, whose rows it holds
+  bit for bit, with row reads from the pack (`read`) and column statistics from `stats` (the
+  files' `LazyCorpusRows`). Picklable (the pack's files reopen on load)."""
+
+  def __init__(self, folder: str, stats: LazyCorpusRows):
+    self.folder, self.stats = folder, stats
+    self.indptr = np.load(os.path.join(folder, PACK_ARRAYS["indptr"]))
+    self._open()
+
+  def _open(self) -> None:
+    self._fds = {k: os.open(os.path.join(self.folder, PACK_ARRAYS[k]), os.O_RDONLY)
+                 for k in ("indices", "values")}
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (len(self.indptr) - 1, self.stats.shape[1])
+
+  @property
+  def nnz(self) -> int:
+    return self.stats.nnz
+
+  def _pread(self, key: str, out: np.ndarray, first: int) -> None:
+    """Fills `out` with entries first, first + 1, ... of the pack's `key` array."""
+    view, at = memoryview(out).cast("B"), int(first) * out.itemsize
+    while len(view):
+      n = os.preadv(self._fds[key], [view], at)
+      if n <= 0:
+        raise DataError(f"{os.path.join(self.folder, PACK_ARRAYS[key])} ends early (truncated); "
+                        "rewrite the pack: `gil-jax corpus DIR --pack`.")
+      view, at = view[n:], at + n
+
+  def read(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(entries per row int64, column int32, value float32) of `rows`, in the order given (CSR
+    without the matrix object): each run of rows that follow each other in the pack is one read
+    straight into its place in the output."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    starts, ends = self.indptr[rows], self.indptr[rows + 1]
+    if not len(rows):
+      return ends - starts, np.zeros(0, np.int32), np.zeros(0, np.float32)
+    first = np.flatnonzero(np.r_[True, starts[1:] != ends[:-1]])
+    lo, hi = starts[first], ends[np.r_[first[1:] - 1, len(rows) - 1]]
+    at = np.r_[0, np.cumsum(hi - lo)]
+    idx, val = np.empty(at[-1], np.int32), np.empty(at[-1], np.float32)
+    for a, b, o in zip(lo.tolist(), hi.tolist(), at.tolist()):
+      self._pread("indices", idx[o:o + b - a], a)
+      self._pread("values", val[o:o + b - a], a)
+    return ends - starts, idx, val
+
+  def __getitem__(self, rows) -> sp.csr_matrix:
+    counts, idx, val = self.read(rows)
+    return sp.csr_matrix((val, idx, np.r_[0, np.cumsum(counts)]),
+                         shape=(len(counts), self.shape[1]))
+
+  def col_nnz(self) -> np.ndarray:
+    return self.stats.col_nnz()
+
+  def col_means(self) -> np.ndarray:
+    return self.stats.col_means()
+
+  def close(self) -> None:
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds = {}
+    self.stats.close()
+
+  def __getstate__(self) -> dict:
+    return {k: v for k, v in self.__dict__.items() if k != "_fds"}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._open()
+
+
+def _pack_folder(manifest_path: str) -> str:
+  return os.path.splitext(manifest_path)[0] + ".pack"
+
+
+def write_pack(manifest_path: str, *, chunk_cells: int = 4096, progress: bool = True) -> dict:
+  """Writes the pack of the corpus of `manifest_path` (module doc) and records it in the
+  manifest; returns the manifest. The rows are read through `open_corpus`, so the pack holds
+  exactly what training would read from the files. Written into a temporary folder that is
+  renamed when complete, and recorded in the manifest last: an interrupted pack is never used."""
+  manifest = read_manifest(manifest_path)
+  files = [f["abspath"] for f in manifest["files"]]
+  data = open_corpus(files, layer=manifest["layer"], gene_column=manifest["gene_column"],
+                     manifest=manifest, progress=False, use_pack=False)
+  folder = _pack_folder(manifest_path)
+  tmp = folder + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  n = data.n_cells
+  indptr = np.zeros(n + 1, np.int64)
+  try:
+    with (open(os.path.join(tmp, PACK_ARRAYS["indices"]), "wb") as fi,
+          open(os.path.join(tmp, PACK_ARRAYS["values"]), "wb") as fv):
+      for lo in tqdm(range(0, n, chunk_cells), desc="pack", unit="chunk", disable=not progress):
+        m = data.X[np.arange(lo, min(n, lo + chunk_cells))]
+        indptr[lo + 1:lo + 1 + m.shape[0]] = indptr[lo] + m.indptr[1:]
+        fi.write(np.ascontiguousarray(m.indices, "<i4").tobytes())
+        fv.write(np.ascontiguousarray(m.data, "<f4").tobytes())
+  finally:
+    data.X.close()
+  np.save(os.path.join(tmp, PACK_ARRAYS["indptr"]), indptr)
+  shutil.rmtree(folder, ignore_errors=True)
+  os.replace(tmp, folder)
+  manifest = _without_runtime_fields(manifest)
+  manifest["pack"] = {
+      "format": "gil_jax.corpus_pack/1", "folder": os.path.basename(folder), "cells": int(n),
+      "genes": int(data.n_genes), "nnz": int(indptr[-1]),
+      "genes_checksum": integrity.ids_hash(data.gene_ids),
+      "arrays": {k: {kk: v for kk, v in integrity.file_fingerprint(
+          os.path.join(folder, name)).items() if kk in ("size", "sampled_checksum")}
+          for k, name in PACK_ARRAYS.items()}}
+  _write_json(manifest_path, manifest)
+  return read_manifest(manifest_path, verify=False)
+
+
+def _open_pack(manifest: dict, data: CellData) -> PackedRows:
+  """The manifest's pack, checked against its record and the corpus just opened."""
+  pack = manifest["pack"]
+  folder = os.path.join(os.path.dirname(manifest["abspath"]), pack["folder"])
+  fix = (f"rewrite it (`gil-jax corpus {os.path.dirname(manifest['abspath'])} --pack`) or open "
+         "the files without it (config.data.use_pack=False)")
+  for k, name in PACK_ARRAYS.items():
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      raise DataError(f"the corpus pack file {path} is missing; {fix}.")
+    fp = integrity.file_fingerprint(path)
+    if (fp["size"], fp["sampled_checksum"]) != (pack["arrays"][k]["size"],
+                                                pack["arrays"][k]["sampled_checksum"]):
+      raise DataError(f"the corpus pack file {path} changed since it was written; {fix}.")
+  if (pack["cells"], pack["genes"], pack["genes_checksum"]) != (
+      data.n_cells, data.n_genes, integrity.ids_hash(data.gene_ids)):
+    raise DataError(f"the corpus pack {folder} holds {pack['cells']} cells x {pack['genes']} genes, "
+                    f"not the {data.n_cells} x {data.n_genes} of its files; {fix}.")
+  return PackedRows(folder, data.X)
+
+
 # ---------------------------------------------------------------------------- opening
 
 def _name(path: str) -> str:
@@ -275,9 +437,10 @@ def _open_rows(path: str, layer: str | None) -> pipeline.LazyCSRRows:
 def open_corpus(paths: Sequence[str], *, layer: str | None = None,
                 gene_column: str | None = None, require_counts: bool = False,
                 obs_columns: Sequence[str] | None = None, manifest: dict | None = None,
-                progress: bool = True) -> CellData:
+                progress: bool = True, use_pack: bool = True) -> CellData:
   """One lazy `CellData` over `paths` (module doc). With `manifest` (from `read_manifest`), its
-  cached statistics replace the validating pass and its layer must be the one asked for."""
+  cached statistics replace the validating pass and its layer must be the one asked for; with
+  `use_pack` and a pack in the manifest, rows are read from the pack (`PackedRows`)."""
   if manifest is not None and (manifest.get("layer") != layer
                                or manifest.get("gene_column") != gene_column):
     raise DataError(f"the corpus manifest was written for layer {manifest.get('layer')!r} and gene "
@@ -291,9 +454,11 @@ def open_corpus(paths: Sequence[str], *, layer: str | None = None,
     datas.append(pipeline.open_lazy_h5ad(path, layer=layer, gene_column=gene_column,
                                          require_counts=require_counts,
                                          obs_columns=obs_columns, scan=scan))
-  if len(datas) == 1:
-    return datas[0]
-  return anndata_io.concat(datas, name=f"corpus of {len(datas)} files")
+  data = datas[0] if len(datas) == 1 else anndata_io.concat(datas,
+                                                             name=f"corpus of {len(datas)} files")
+  if use_pack and manifest is not None and manifest.get("pack"):
+    data = dataclasses.replace(data, X=_open_pack(manifest, data))
+  return data
 
 
 def summary(manifest: dict) -> dict:
@@ -304,5 +469,7 @@ def summary(manifest: dict) -> dict:
           "genes_per_file": [min(f["genes"] for f in files), max(f["genes"] for f in files)],
           "detected_per_cell": round(sum(f["nnz"] for f in files) / max(1, cells), 1),
           "bytes": sum(f["size"] for f in files),
-          "counts": all(f["is_counts"] for f in files)}
+          "counts": all(f["is_counts"] for f in files),
+          "pack_bytes": sum(a["size"] for a in manifest["pack"]["arrays"].values())
+          if manifest.get("pack") else 0}
 

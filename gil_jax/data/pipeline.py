@@ -55,6 +55,30 @@ def _sorted_within_rows(owner: np.ndarray, cols: np.ndarray) -> bool:
   return not np.any((np.diff(cols) <= 0) & (owner[1:] == owner[:-1]))
 
 
+def row_runs(starts: np.ndarray, ends: np.ndarray, merge_gap: int
+             ) -> tuple[np.ndarray, np.ndarray, slice | np.ndarray]:
+  """How to read CSR rows whose entries are [starts[i], ends[i]) of the stored arrays: (lo, hi,
+  take): read the runs [lo[k], hi[k]) one after the other, then `take` (a slice or an index
+  array into what was read) gives the rows' entries in the order asked. Rows sorted by position
+  are merged into one run while the gap between them is at most `merge_gap` entries (a block of
+  consecutive cells is one read)."""
+  counts = ends - starts
+  order = np.argsort(starts, kind="stable")
+  s_sorted = starts[order]
+  run_end = np.maximum.accumulate(ends[order])
+  new_run = np.r_[True, s_sorted[1:] > run_end[:-1] + merge_gap]
+  firsts = np.flatnonzero(new_run)
+  lo, hi = s_sorted[firsts], run_end[np.r_[firsts[1:] - 1, len(starts) - 1]]
+  base = np.r_[0, np.cumsum(hi - lo)]
+  row_run = np.empty(len(starts), np.int64)
+  row_run[order] = np.cumsum(new_run) - 1
+  offset = starts - lo[row_run] + base[row_run]      # each row's first entry in what was read
+  indptr = np.r_[0, np.cumsum(counts)]
+  if indptr[-1] == base[-1] and np.array_equal(offset, indptr[:-1]):
+    return lo, hi, slice(None)  # the rows are exactly the run(s), in stored order: no gather
+  return lo, hi, np.arange(indptr[-1]) + np.repeat(offset - indptr[:-1], counts)
+
+
 class LazyCSRRows:
   """Row access to an on-disk CSR matrix (an `.h5ad` group with data/indices/indptr).
 
@@ -136,28 +160,13 @@ class LazyCSRRows:
     counts = ends - starts
     if not len(rows):
       return counts, np.zeros(0, np.int32), np.zeros(0, np.float32)
-    # rows sorted by position, merged into runs whose gaps are small: one read per run (a block
-    # of consecutive cells is one read), then each row's entries gathered from its run
-    order = np.argsort(starts, kind="stable")
-    s_sorted = starts[order]
-    run_end = np.maximum.accumulate(ends[order])
-    new_run = np.r_[True, s_sorted[1:] > run_end[:-1] + self.MERGE_GAP]
-    firsts = np.flatnonzero(new_run)
-    lo, hi = s_sorted[firsts], run_end[np.r_[firsts[1:] - 1, len(rows) - 1]]
+    lo, hi, take = row_runs(starts, ends, self.MERGE_GAP)
     if len(lo) == 1:
       data, idx = self._data[lo[0]:hi[0]], self._indices[lo[0]:hi[0]]
     else:
       data = np.concatenate([self._data[a:b] for a, b in zip(lo, hi)])
       idx = np.concatenate([self._indices[a:b] for a, b in zip(lo, hi)])
-    base = np.r_[0, np.cumsum(hi - lo)]
-    row_run = np.empty(len(rows), np.int64)
-    row_run[order] = np.cumsum(new_run) - 1
-    offset = starts - lo[row_run] + base[row_run]      # each row's first entry in data/idx
     indptr = np.r_[0, np.cumsum(counts)]
-    if indptr[-1] == len(data) and np.array_equal(offset, indptr[:-1]):
-      take = slice(None)  # the rows are exactly the run(s), in file order: no gather
-    else:
-      take = np.arange(indptr[-1]) + np.repeat(offset - indptr[:-1], counts)
     data, idx = data[take].astype(np.float32, copy=False), idx[take].astype(np.int32, copy=False)
     # as the in-memory reader stores a matrix: duplicates summed, explicit zeros dropped (the
     # scipy passes run only when a check finds either)
