@@ -1,7 +1,7 @@
 """Gene-incremental pre-training from a corpus of .h5ad shards, read lazily (one stage per shard).
 
   python benchmarks/make_corpus.py --out runs/corpus      # or your own folder of .h5ad files
-  gil-jax corpus runs/corpus                             # validates, writes runs/corpus/manifest.json
+  gil-jax corpus runs/corpus --pack                      # validates; manifest.json + its pack
   python launch.py --config configs/gil_corpus.py --workdir runs/corpus_gil \
       --config.data.files=runs/corpus
 
