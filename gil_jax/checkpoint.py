@@ -21,11 +21,11 @@ from gil_jax import guards, integrity
 log = logging.getLogger("gil_jax")
 
 # Config fields that do not change what is computed; a resumed run may change them.
-# data.lazy: lazy and in-memory reading give the same cells, values and plans; model.attention:
-# the same attention math by another kernel.
+# data.lazy / data.use_pack: lazy and in-memory reading, the corpus pack and its files, give the
+# same cells, values and plans; model.attention: the same attention math by another kernel.
 NON_SEMANTIC_FIELDS = ("train.checkpoint_every", "train.checkpoint_minutes",
                        "train.keep_checkpoints", "train.log_every",
-                       "data.data_dir", "data.lazy", "data.workers", "mesh.data", "mesh.model",
+                       "data.data_dir", "data.lazy", "data.use_pack", "data.workers", "mesh.data", "mesh.model",
                        "eval.batch_size",
                        "model.attention")
 

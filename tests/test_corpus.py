@@ -6,6 +6,7 @@ Shards are simulated into tmp_path, each on its own gene panel; no shared data n
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -163,6 +164,14 @@ def test_loader_reraises_a_batch_error():
 def packed(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("packed"))
   _write_shards(folder)
+  a = simulate.simulate_shard(SIM, 3, simulate.shard_panel(SIM, 3))  # stored as files come:
+  x = sp.csr_matrix(a.X)
+  x.data[:3] = 0                                    # explicit zeros,
+  x.data[x.indptr[5]:x.indptr[6]] = 0               # a cell without counts (dropped),
+  x.indices[x.indptr[7] + 1] = x.indices[x.indptr[7]]  # and a duplicate entry
+  x.has_sorted_indices = False
+  a.X = x
+  a.write_h5ad(os.path.join(folder, "shard3.h5ad"))
   assert cli.main(["corpus", folder, "--pack", "--quiet"]) == 0
   return folder
 
@@ -172,7 +181,8 @@ def test_a_pack_holds_exactly_the_rows_the_files_give(packed):
   data = corpus.open_corpus(files, manifest=manifest, progress=False)
   plain = corpus.open_corpus(files, manifest=manifest, progress=False, use_pack=False)
   assert isinstance(data.X, corpus.PackedRows) and isinstance(plain.X, corpus.LazyCorpusRows)
-  assert data.X.shape == plain.X.shape and manifest["pack"]["nnz"] == plain.X.nnz
+  assert data.X.shape == plain.X.shape and data.X.nnz == plain.X.nnz
+  assert data.X.indptr[-1] == manifest["pack"]["nnz"] < plain.X.nnz  # zeros and duplicate gone
   rng = np.random.default_rng(0)
   for rows in (np.arange(data.n_cells), rng.permutation(data.n_cells)[:40], [7, 7, 3, 8, 9],
                np.arange(60, 20, -1), []):
@@ -191,6 +201,14 @@ def test_a_pack_holds_exactly_the_rows_the_files_give(packed):
   with loader.StepIterator(mk[0], 0, 4, workers=1, group=2) as it:  # pickled into a worker
     for s, b in it:
       _assert_same_batch(b, mk[1](s)[1])
+  worker = pickle.loads(pickle.dumps(data.X))  # a worker's copy opens no .h5ad file
+  assert worker.stats is None and np.array_equal(worker[[3, 1]].data, plain.X[[3, 1]].data)
+  with pytest.raises(RuntimeError, match="reads rows only"):
+    worker.col_nnz()
+  worker.close()
+  data.X.close()
+  with pytest.raises(ValueError, match="closed file"):  # never another file's bytes
+    data.X.read([0])
 
 
 def test_a_changed_missing_stale_or_unfinished_pack_is_refused_or_unused(tmp_path, monkeypatch):
@@ -205,6 +223,7 @@ def test_a_changed_missing_stale_or_unfinished_pack_is_refused_or_unused(tmp_pat
   monkeypatch.undo()
   files, manifest = corpus.expand_files([folder], ".")
   assert "pack" not in manifest and not os.path.exists(os.path.join(folder, "manifest.pack"))
+  assert not os.path.exists(os.path.join(folder, "manifest.pack.tmp"))
   assert isinstance(corpus.open_corpus(files, manifest=manifest, progress=False).X,
                     corpus.LazyCorpusRows)
   corpus.write_pack(manifest_path, progress=False)
@@ -212,7 +231,8 @@ def test_a_changed_missing_stale_or_unfinished_pack_is_refused_or_unused(tmp_pat
   with open(values, "r+b") as f:
     f.write(b"\xff\xff\xff\x7f")
   files, manifest = corpus.expand_files([folder], ".")
-  with pytest.raises(DataError, match=r"values.f32 changed since it was written.*--pack"):
+  with pytest.raises(DataError, match=r"values.f32 changed since it was written.*rewrite it "
+                     r"\(`gil-jax corpus .* --pack`\)"):
     corpus.open_corpus(files, manifest=manifest, progress=False)
   assert corpus.open_corpus(files, manifest=manifest, progress=False, use_pack=False).n_cells
   os.remove(values)
@@ -221,6 +241,10 @@ def test_a_changed_missing_stale_or_unfinished_pack_is_refused_or_unused(tmp_pat
   corpus.write_manifest(files, manifest_path, progress=False)  # files rewritten: pack is stale
   assert "pack" not in corpus.read_manifest(manifest_path)
   assert not os.path.exists(os.path.join(folder, "manifest.pack"))
+  one = os.path.join(folder, "one.json")
+  corpus.write_manifest(files[:1], one, progress=False)
+  with pytest.raises(DataError, match="lists one file.*Drop --pack"):
+    corpus.write_pack(one, progress=False)
 
 
 # ------------------------------------------------------------------ bad input

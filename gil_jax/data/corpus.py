@@ -43,6 +43,7 @@ from gil_jax.data.anndata_io import CellData, DataError, ValueStats
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gil_jax.corpus/1"
 PACK_ARRAYS = {"indptr": "indptr.npy", "indices": "indices.i32", "values": "values.f32"}
+PACK_FORMAT = "gil_jax.corpus_pack/1"
 
 
 def resolve_path(name: str, data_dir: str) -> str:
@@ -152,7 +153,8 @@ def write_manifest(paths: Sequence[str], out: str, *, layer: str | None = None,
               "layer": layer, "gene_column": gene_column,
               "stats_file": os.path.basename(stats_path), "stats_checksum": _file_hash(stats_path),
               "cells": sum(f["cells_used"] for f in files), "files": files}
-  shutil.rmtree(_pack_folder(out), ignore_errors=True)  # a pack of the files before: stale
+  for old in (_pack_folder(out), _pack_folder(out) + ".tmp"):  # a pack of the files before
+    shutil.rmtree(old, ignore_errors=True)
   _write_json(out, manifest)
   return manifest
 
@@ -282,39 +284,43 @@ class LazyCorpusRows:
 class PackedRows:
   """Rows of a corpus pack (`write_pack`): the interface of `LazyCorpusRows`, whose rows it holds
   bit for bit, with row reads from the pack (`read`) and column statistics from `stats` (the
-  files' `LazyCorpusRows`). Picklable (the pack's files reopen on load)."""
+  files' `LazyCorpusRows`, in the process that opened the corpus). Picklable: a loader worker
+  gets the pack's files reopened and no .h5ad file (it only reads rows)."""
 
-  def __init__(self, folder: str, stats: LazyCorpusRows):
-    self.folder, self.stats = folder, stats
+  def __init__(self, folder: str, stats: LazyCorpusRows, fix: str):
+    self.folder, self.stats, self.fix = folder, stats, fix
     self.indptr = np.load(os.path.join(folder, PACK_ARRAYS["indptr"]))
+    self.n_cols, self._nnz = stats.shape[1], stats.nnz
     self._open()
 
   def _open(self) -> None:
-    self._fds = {k: os.open(os.path.join(self.folder, PACK_ARRAYS[k]), os.O_RDONLY)
-                 for k in ("indices", "values")}
+    # file objects (not raw descriptors): closed when collected, and a closed one fails loudly
+    self._files = {k: open(os.path.join(self.folder, PACK_ARRAYS[k]), "rb", buffering=0)
+                   for k in ("indices", "values")}
 
   @property
   def shape(self) -> tuple[int, int]:
-    return (len(self.indptr) - 1, self.stats.shape[1])
+    return (len(self.indptr) - 1, self.n_cols)
 
   @property
   def nnz(self) -> int:
-    return self.stats.nnz
+    """Stored entries of the files (as `LazyCorpusRows.nnz`, explicit zeros included)."""
+    return self._nnz
 
   def _pread(self, key: str, out: np.ndarray, first: int) -> None:
     """Fills `out` with entries first, first + 1, ... of the pack's `key` array."""
     view, at = memoryview(out).cast("B"), int(first) * out.itemsize
     while len(view):
-      n = os.preadv(self._fds[key], [view], at)
+      n = os.preadv(self._files[key].fileno(), [view], at)
       if n <= 0:
-        raise DataError(f"{os.path.join(self.folder, PACK_ARRAYS[key])} ends early (truncated); "
-                        "rewrite the pack: `gil-jax corpus DIR --pack`.")
+        raise DataError(f"{os.path.join(self.folder, PACK_ARRAYS[key])} ends early: it was "
+                        f"truncated after this run opened it; {self.fix}.")
       view, at = view[n:], at + n
 
   def read(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(entries per row int64, column int32, value float32) of `rows`, in the order given (CSR
-    without the matrix object): each run of rows that follow each other in the pack is one read
-    straight into its place in the output."""
+    without the matrix object): each run of rows that follow each other in the pack is read
+    straight into its place in the output (one read per array)."""
     rows = np.asarray(rows, np.int64).reshape(-1)
     starts, ends = self.indptr[rows], self.indptr[rows + 1]
     if not len(rows):
@@ -330,26 +336,31 @@ class PackedRows:
 
   def __getitem__(self, rows) -> sp.csr_matrix:
     counts, idx, val = self.read(rows)
-    return sp.csr_matrix((val, idx, np.r_[0, np.cumsum(counts)]),
-                         shape=(len(counts), self.shape[1]))
+    return sp.csr_matrix((val, idx, np.r_[0, np.cumsum(counts)]), shape=(len(counts), self.n_cols))
+
+  def _statistics(self) -> LazyCorpusRows:
+    if self.stats is None:
+      raise RuntimeError("a pickled PackedRows (a loader worker's) reads rows only; take column "
+                         "statistics from the corpus opened in the main process.")
+    return self.stats
 
   def col_nnz(self) -> np.ndarray:
-    return self.stats.col_nnz()
+    return self._statistics().col_nnz()
 
   def col_means(self) -> np.ndarray:
-    return self.stats.col_means()
+    return self._statistics().col_means()
 
   def close(self) -> None:
-    for fd in self._fds.values():
-      os.close(fd)
-    self._fds = {}
-    self.stats.close()
+    for f in self._files.values():
+      f.close()
+    if self.stats is not None:
+      self.stats.close()
 
   def __getstate__(self) -> dict:
-    return {k: v for k, v in self.__dict__.items() if k != "_fds"}
+    return {k: v for k, v in self.__dict__.items() if k not in ("_files", "stats")}
 
   def __setstate__(self, state: dict) -> None:
-    self.__dict__.update(state)
+    self.__dict__.update(state, stats=None)
     self._open()
 
 
@@ -357,13 +368,37 @@ def _pack_folder(manifest_path: str) -> str:
   return os.path.splitext(manifest_path)[0] + ".pack"
 
 
+def _corpus_command(manifest: dict, pack: bool = False) -> str:
+  """The `gil-jax corpus` command that rewrites `manifest` (its folder, layer, gene column)."""
+  path = manifest["abspath"]
+  cmd = ["gil-jax corpus", os.path.dirname(path)]
+  if os.path.basename(path) != MANIFEST_NAME:
+    cmd += ["--out", path]
+  if manifest.get("layer"):
+    cmd += ["--layer", manifest["layer"]]
+  if manifest.get("gene_column"):
+    cmd += ["--gene-column", manifest["gene_column"]]
+  return "`" + " ".join(cmd + (["--pack"] if pack else [])) + "`"
+
+
+def _sync(*files) -> None:
+  """Flushes `files` to disk (before the pack is recorded as complete)."""
+  for f in files:
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def write_pack(manifest_path: str, *, chunk_cells: int = 4096, progress: bool = True) -> dict:
   """Writes the pack of the corpus of `manifest_path` (module doc) and records it in the
   manifest; returns the manifest. The rows are read through `open_corpus`, so the pack holds
-  exactly what training would read from the files. Written into a temporary folder that is
-  renamed when complete, and recorded in the manifest last: an interrupted pack is never used."""
+  exactly what training would read from the files. Written (and synced) into a temporary
+  folder that is renamed when complete, and recorded in the manifest last: an interrupted pack
+  is never used."""
   manifest = read_manifest(manifest_path)
   files = [f["abspath"] for f in manifest["files"]]
+  if len(files) < 2:
+    raise DataError(f"{manifest_path} lists one file; a pack is for a corpus of several (one "
+                    "file is read directly). Drop --pack.")
   data = open_corpus(files, layer=manifest["layer"], gene_column=manifest["gene_column"],
                      manifest=manifest, progress=False, use_pack=False)
   folder = _pack_folder(manifest_path)
@@ -380,14 +415,21 @@ def write_pack(manifest_path: str, *, chunk_cells: int = 4096, progress: bool = 
         indptr[lo + 1:lo + 1 + m.shape[0]] = indptr[lo] + m.indptr[1:]
         fi.write(np.ascontiguousarray(m.indices, "<i4").tobytes())
         fv.write(np.ascontiguousarray(m.data, "<f4").tobytes())
+      _sync(fi, fv)
+    with open(os.path.join(tmp, PACK_ARRAYS["indptr"]), "wb") as f:
+      np.save(f, indptr)
+      _sync(f)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   finally:
     data.X.close()
-  np.save(os.path.join(tmp, PACK_ARRAYS["indptr"]), indptr)
-  shutil.rmtree(folder, ignore_errors=True)
+  if os.path.exists(folder):
+    shutil.rmtree(folder)
   os.replace(tmp, folder)
   manifest = _without_runtime_fields(manifest)
   manifest["pack"] = {
-      "format": "gil_jax.corpus_pack/1", "folder": os.path.basename(folder), "cells": int(n),
+      "format": PACK_FORMAT, "folder": os.path.basename(folder), "cells": int(n),
       "genes": int(data.n_genes), "nnz": int(indptr[-1]),
       "genes_checksum": integrity.ids_hash(data.gene_ids),
       "arrays": {k: {kk: v for kk, v in integrity.file_fingerprint(
@@ -401,8 +443,11 @@ def _open_pack(manifest: dict, data: CellData) -> PackedRows:
   """The manifest's pack, checked against its record and the corpus just opened."""
   pack = manifest["pack"]
   folder = os.path.join(os.path.dirname(manifest["abspath"]), pack["folder"])
-  fix = (f"rewrite it (`gil-jax corpus {os.path.dirname(manifest['abspath'])} --pack`) or open "
-         "the files without it (config.data.use_pack=False)")
+  fix = (f"rewrite it ({_corpus_command(manifest, pack=True)}) or read the files instead "
+         "(config.data.use_pack=False)")
+  if pack.get("format") != PACK_FORMAT:
+    raise DataError(f"the corpus pack {folder} has format {pack.get('format')!r}, this version "
+                    f"reads {PACK_FORMAT!r}; {fix}.")
   for k, name in PACK_ARRAYS.items():
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
@@ -411,11 +456,13 @@ def _open_pack(manifest: dict, data: CellData) -> PackedRows:
     if (fp["size"], fp["sampled_checksum"]) != (pack["arrays"][k]["size"],
                                                 pack["arrays"][k]["sampled_checksum"]):
       raise DataError(f"the corpus pack file {path} changed since it was written; {fix}.")
-  if (pack["cells"], pack["genes"], pack["genes_checksum"]) != (
-      data.n_cells, data.n_genes, integrity.ids_hash(data.gene_ids)):
+  if (pack["cells"], pack["genes"]) != (data.n_cells, data.n_genes):
     raise DataError(f"the corpus pack {folder} holds {pack['cells']} cells x {pack['genes']} genes, "
                     f"not the {data.n_cells} x {data.n_genes} of its files; {fix}.")
-  return PackedRows(folder, data.X)
+  if pack["genes_checksum"] != integrity.ids_hash(data.gene_ids):
+    raise DataError(f"the corpus pack {folder} was written for other gene ids (or another gene "
+                    f"order) than its files give; {fix}.")
+  return PackedRows(folder, data.X, fix)
 
 
 # ---------------------------------------------------------------------------- opening
@@ -456,7 +503,7 @@ def open_corpus(paths: Sequence[str], *, layer: str | None = None,
                                          obs_columns=obs_columns, scan=scan))
   data = datas[0] if len(datas) == 1 else anndata_io.concat(datas,
                                                              name=f"corpus of {len(datas)} files")
-  if use_pack and manifest is not None and manifest.get("pack"):
+  if use_pack and manifest is not None and manifest.get("pack") and len(datas) > 1:
     data = dataclasses.replace(data, X=_open_pack(manifest, data))
   return data
 
