@@ -462,6 +462,7 @@ def _open_pack(manifest: dict, data: CellData) -> PackedRows:
   if pack["genes_checksum"] != integrity.ids_hash(data.gene_ids):
     raise DataError(f"the corpus pack {folder} was written for other gene ids (or another gene "
                     f"order) than its files give; {fix}.")
+  data.X.close()  # rows come from the pack, statistics from the manifest: no .h5ad handle kept
   return PackedRows(folder, data.X, fix)
 
 
