@@ -186,6 +186,8 @@ def base_config(model: str = "exceiver") -> ml_collections.ConfigDict:
   c.canal = ml_collections.ConfigDict(dict(
       sources=ml_collections.ConfigDict(),  # name -> {file, label_column, layer, normalisation,
                                             #   gene_column, split_column, split_values (tuple)}
+      # (left empty with config.data.files set: every file of that corpus is one source, named
+      # by its file stem, labelled by config.data.label_column; stream.corpus_sources)
       # tuples of stage / source / label names; label_map: ('from=to' or 'name', ...)
       stage_order=(), test_only=(), label_map=(), drop_labels=(), withhold=(),
       source_order=(),  # the order sources' cells are stacked in; () = sorted names (extend

@@ -389,3 +389,27 @@ def test_annotation_from_lazily_read_sources_equals_in_memory(tmp_path):
   c.canal.gene_panel = path
   with pytest.raises(DataError, match="gene_panel needs the sources in memory"):
     annotation.train_annotation(c, str(tmp_path / "panel"), progress_bar=False)
+
+
+def test_annotation_from_a_labelled_corpus_equals_the_same_sources_listed(shards, tmp_path):
+  from gil_jax.tasks import annotation  # noqa: PLC0415
+  from tests.helpers import tiny_canal_config  # noqa: PLC0415
+  folder, paths = shards
+  listed = tiny_canal_config(paths[0])
+  listed.canal.sources = {os.path.splitext(os.path.basename(p))[0]: dict(
+      file=p, label_column="cell_type", layer="", normalisation="log1p_cp10k", gene_column="",
+      split_column="", split_values=()) for p in paths}
+  from_corpus = tiny_canal_config(paths[0])
+  from_corpus.canal.sources = {}
+  from_corpus.data.update(files=(folder,), label_column="cell_type", lazy=True)
+  listed.data.lazy = True
+  got = [annotation.train_annotation(c, str(tmp_path / str(i)), progress_bar=False)
+         for i, c in enumerate((listed, from_corpus))]
+  assert [s["name"] for s in got[1]["stages"]] == ["shard0", "shard1", "shard2"]
+  assert _drop_timings(got[0]) == _drop_timings(got[1])
+  assert sorted(from_corpus.canal.sources) == ["shard0", "shard1", "shard2"]  # saved with the run
+  unlabelled = tiny_canal_config(paths[0])
+  unlabelled.canal.sources = {}
+  unlabelled.data.files = (folder,)
+  with pytest.raises(DataError, match="labelled by config.data.label_column, which is empty"):
+    annotation.train_annotation(unlabelled, str(tmp_path / "x"), progress_bar=False)

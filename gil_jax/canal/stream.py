@@ -22,6 +22,7 @@ from sklearn.model_selection import train_test_split
 from gil_jax.canal import labels as labels_lib
 from gil_jax.data import anndata_io, batching, pipeline
 from gil_jax.data.anndata_io import CellData, DataError
+from gil_jax.data import corpus
 from gil_jax.data.corpus import resolve_path
 from gil_jax.experiment import RAW_SCALE, as_names
 
@@ -207,6 +208,31 @@ def restrict_to_panel(data: CellData, panel: str, min_genes: int) -> CellData:
   return data.select_genes(keep)
 
 
+def corpus_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.canal.sources for a labelled corpus (config.data.files: files, folders, globs or a
+  manifest): one source per file, named by its file stem, with config.data.label_column,
+  config.data.layer / gene_column, and normalisation 'log1p_cp10k'. A manifest says which files
+  hold counts; a file that does not is refused (list the sources with their normalisation)."""
+  d = config.data
+  if not d.label_column:
+    raise DataError("config.canal.sources is empty and config.data.files names a corpus: its files "
+                    "become the sources, labelled by config.data.label_column, which is empty; "
+                    "set it to the obs column holding cell-type labels.")
+  paths, manifest = corpus.expand_files(as_names(d.files), d.data_dir)
+  counts = {f["abspath"]: f["is_counts"] for f in manifest["files"]} if manifest else {}
+  sources = {}
+  for path in paths:
+    name = os.path.splitext(os.path.basename(path))[0]
+    if not counts.get(path, True):
+      raise DataError(f"corpus file {path} holds non-integer values, so its normalisation is not "
+                      "known; list the sources in config.canal.sources with their normalisation "
+                      f"({SOURCE_NORMALISATIONS}).")
+    sources[name] = dict(file=path, label_column=d.label_column, layer=d.layer,
+                         normalisation="log1p_cp10k", gene_column=d.gene_column,
+                         split_column="", split_values=())
+  return ml_collections.ConfigDict(sources)
+
+
 def source_names(c: ml_collections.ConfigDict) -> list[str]:
   """The sources in the order their cells are stacked: config.canal.source_order, then any
   others in name order."""
@@ -221,7 +247,8 @@ def source_names(c: ml_collections.ConfigDict) -> list[str]:
 def build_stream(config: ml_collections.ConfigDict) -> Stream:
   c = config.canal
   if not c.sources or not len(c.sources):
-    raise DataError("config.canal.sources is empty; name at least one labelled .h5ad source.")
+    raise DataError("config.canal.sources is empty; name at least one labelled .h5ad source (or "
+                    "a labelled corpus in config.data.files).")
   label_map = labels_lib.parse_label_map(c.label_map)
   drop = set(as_names(c.drop_labels))
   test_only = as_names(c.test_only)

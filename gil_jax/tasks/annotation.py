@@ -26,7 +26,8 @@ from gil_jax.canal import report
 from gil_jax.canal.evaluate import check_novelty_rule, final_evaluation, novelty_calibration
 from gil_jax.canal.labels import LabelVocab
 from gil_jax.canal.model import eval_step_for, init_params, load_gil_params, trainable_labels
-from gil_jax.canal.stream import DEPTH_INPUT, Stream, build_stream, warn_if_old_depth_input
+from gil_jax.canal.stream import (DEPTH_INPUT, Stream, build_stream, corpus_sources,
+                                  warn_if_old_depth_input)
 from gil_jax.data import anndata_io, batching
 from gil_jax.data.vocab import NEVER, GeneVocab
 from gil_jax.data.corpus import resolve_path
@@ -265,6 +266,9 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
             "training source's cell types before training, which a continual run (method "
             f"{config.method!r}) does not know yet; use it with --config.method=joint, or set "
             "it to 0.")
+      if not len(c.sources) and as_names(config.data.files):  # a labelled corpus
+        with config.unlocked():
+          c.sources = corpus_sources(config)
       stream = build_stream(config)
       gil_vocab, init_backbone, gil_init = None, None, None
       if c.init_workdir:
