@@ -407,9 +407,20 @@ def test_annotation_from_a_labelled_corpus_equals_the_same_sources_listed(shards
          for i, c in enumerate((listed, from_corpus))]
   assert [s["name"] for s in got[1]["stages"]] == ["shard0", "shard1", "shard2"]
   assert _drop_timings(got[0]) == _drop_timings(got[1])
-  assert sorted(from_corpus.canal.sources) == ["shard0", "shard1", "shard2"]  # saved with the run
+  assert not len(from_corpus.canal.sources)  # the caller's config is left as it was
+  again = annotation.train_annotation(from_corpus, str(tmp_path / "1"), progress_bar=False)
+  assert _drop_timings(again) == _drop_timings(got[1])  # the same run: same sources found again
   unlabelled = tiny_canal_config(paths[0])
   unlabelled.canal.sources = {}
   unlabelled.data.files = (folder,)
   with pytest.raises(DataError, match="labelled by config.data.label_column, which is empty"):
     annotation.train_annotation(unlabelled, str(tmp_path / "x"), progress_bar=False)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  shutil.copy(paths[0], bad / "a.b.h5ad")
+  unlabelled.data.update(files=(str(bad),), label_column="cell_type")
+  with pytest.raises(DataError, match="has no corpus manifest.*gil-jax corpus"):
+    annotation.train_annotation(unlabelled, str(tmp_path / "y"), progress_bar=False)
+  corpus.write_manifest([str(bad / "a.b.h5ad")], str(bad / "manifest.json"), progress=False)
+  with pytest.raises(DataError, match=r"name 'a.b' cannot name a source"):
+    annotation.train_annotation(unlabelled, str(tmp_path / "z"), progress_bar=False)

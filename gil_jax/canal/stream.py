@@ -209,25 +209,46 @@ def restrict_to_panel(data: CellData, panel: str, min_genes: int) -> CellData:
 
 
 def corpus_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.canal.sources for a labelled corpus (config.data.files: files, folders, globs or a
-  manifest): one source per file, named by its file stem, with config.data.label_column,
-  config.data.layer / gene_column, and normalisation 'log1p_cp10k'. A manifest says which files
-  hold counts; a file that does not is refused (list the sources with their normalisation)."""
+  """config.canal.sources for a labelled corpus (config.data.files: its folder or manifest, as
+  written by `gil-jax corpus`): one source per file, named by its file stem, with
+  config.data.label_column, config.data.layer / gene_column and normalisation 'log1p_cp10k'.
+  The manifest says which files hold counts; one that does not is refused (list the sources
+  with their normalisation). Paths are stored relative to config.data.data_dir when under it,
+  else absolute, so a resume finds the same sources however the corpus was named."""
   d = config.data
+  fix = "or list the sources in config.canal.sources"
   if not d.label_column:
     raise DataError("config.canal.sources is empty and config.data.files names a corpus: its files "
                     "become the sources, labelled by config.data.label_column, which is empty; "
                     "set it to the obs column holding cell-type labels.")
   paths, manifest = corpus.expand_files(as_names(d.files), d.data_dir)
-  counts = {f["abspath"]: f["is_counts"] for f in manifest["files"]} if manifest else {}
-  sources = {}
-  for path in paths:
+  if manifest is None:
+    raise DataError(f"config.data.files={as_names(d.files)} has no corpus manifest; annotation "
+                    "from a corpus reads which files hold counts from it: run `gil-jax corpus "
+                    f"DIR` first ({fix}).")
+  if (manifest.get("layer") or "", manifest.get("gene_column") or "") != (d.layer, d.gene_column):
+    raise DataError(f"the corpus manifest was written for layer {manifest.get('layer')!r} and gene "
+                    f"column {manifest.get('gene_column')!r}, the config asks for {d.layer!r} / "
+                    f"{d.gene_column!r}; rewrite it (`gil-jax corpus DIR --layer ...`) or fix "
+                    "config.data.layer / config.data.gene_column.")
+  root = os.path.abspath(d.data_dir)
+  sources: dict[str, dict] = {}
+  for f in manifest["files"]:
+    path = f["abspath"]
     name = os.path.splitext(os.path.basename(path))[0]
-    if not counts.get(path, True):
+    if any(c in name for c in ".,:") or not name:
+      raise DataError(f"corpus file {path}: its name {name!r} cannot name a source (no '.', ',' "
+                      f"or ':'); rename the file {fix}.")
+    if name in sources:
+      raise DataError(f"corpus files {sources[name]['file']} and {path} would both be source "
+                      f"{name!r}; rename one {fix}.")
+    if not f["is_counts"]:
       raise DataError(f"corpus file {path} holds non-integer values, so its normalisation is not "
-                      "known; list the sources in config.canal.sources with their normalisation "
+                      f"known; list the sources in config.canal.sources with their normalisation "
                       f"({SOURCE_NORMALISATIONS}).")
-    sources[name] = dict(file=path, label_column=d.label_column, layer=d.layer,
+    under = os.path.commonpath([root, path]) == root
+    sources[name] = dict(file=os.path.relpath(path, root) if under else path,
+                         label_column=d.label_column, layer=d.layer,
                          normalisation="log1p_cp10k", gene_column=d.gene_column,
                          split_column="", split_values=())
   return ml_collections.ConfigDict(sources)

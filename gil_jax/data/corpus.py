@@ -462,6 +462,9 @@ def _open_pack(manifest: dict, data: CellData) -> PackedRows:
   if pack["genes_checksum"] != integrity.ids_hash(data.gene_ids):
     raise DataError(f"the corpus pack {folder} was written for other gene ids (or another gene "
                     f"order) than its files give; {fix}.")
+  if any(p._col_nnz is None or p.col_sums is None for p in data.X.parts):
+    raise DataError(f"the corpus manifest {manifest['abspath']} lacks cached statistics; "
+                    f"rewrite it ({_corpus_command(manifest, pack=True)}).")
   data.X.close()  # rows come from the pack, statistics from the manifest: no .h5ad handle kept
   return PackedRows(folder, data.X, fix)
 

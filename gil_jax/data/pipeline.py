@@ -219,7 +219,8 @@ class LazyCSRRows:
 
   def reopen(self) -> None:
     """A fresh handle: HDF5 keeps the metadata of every object read through a handle (the obs
-    and var columns read when opening: ~2.5 MB per file), which row reads do not need."""
+    and var columns read when opening: ~2.5 MB per file), which row reads do not need. Call it
+    before any copy shares the handle (`open_lazy_h5ad` does)."""
     self._file.close()
     self._attach()
 
@@ -354,10 +355,10 @@ def open_lazy_h5ad(path: str | os.PathLike, name: str | None = None, *,
   X = LazyCSRRows(path, "X" if layer is None else f"layers/{layer}", chunk_nnz=chunk_nnz)
   try:
     data = _lazy_cell_data(X, name, source, what, gene_column, require_counts, obs_columns, scan)
+    X.reopen()
   except BaseException:
     X.close()
     raise
-  X.reopen()
   return data
 
 

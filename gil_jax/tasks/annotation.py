@@ -12,6 +12,7 @@ logistic-regression and kNN baselines, and the report.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -266,9 +267,11 @@ def train_annotation(config: ml_collections.ConfigDict, workdir: str,
             "training source's cell types before training, which a continual run (method "
             f"{config.method!r}) does not know yet; use it with --config.method=joint, or set "
             "it to 0.")
-      if not len(c.sources) and as_names(config.data.files):  # a labelled corpus
+      if not len(c.sources) and as_names(config.data.files):  # a labelled corpus: its files
+        config = copy.deepcopy(config)                         # become this run's sources
         with config.unlocked():
-          c.sources = corpus_sources(config)
+          config.canal.sources = corpus_sources(config)
+        c = config.canal
       stream = build_stream(config)
       gil_vocab, init_backbone, gil_init = None, None, None
       if c.init_workdir:
