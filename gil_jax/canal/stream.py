@@ -226,11 +226,7 @@ def corpus_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     raise DataError(f"config.data.files={as_names(d.files)} has no corpus manifest; annotation "
                     "from a corpus reads which files hold counts from it: run `gil-jax corpus "
                     f"DIR` first ({fix}).")
-  if (manifest.get("layer") or "", manifest.get("gene_column") or "") != (d.layer, d.gene_column):
-    raise DataError(f"the corpus manifest was written for layer {manifest.get('layer')!r} and gene "
-                    f"column {manifest.get('gene_column')!r}, the config asks for {d.layer!r} / "
-                    f"{d.gene_column!r}; rewrite it (`gil-jax corpus DIR --layer ...`) or fix "
-                    "config.data.layer / config.data.gene_column.")
+  corpus.check_manifest_reads(manifest, d.layer, d.gene_column)
   root = os.path.abspath(d.data_dir)
   sources: dict[str, dict] = {}
   for f in manifest["files"]:

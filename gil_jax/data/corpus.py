@@ -485,6 +485,16 @@ def _open_rows(path: str, layer: str | None) -> pipeline.LazyCSRRows:
   return pipeline.LazyCSRRows(path, "X" if layer is None else f"layers/{layer}")
 
 
+def check_manifest_reads(manifest: dict, layer: str | None, gene_column: str | None) -> None:
+  """DataError unless `manifest` was written for this layer and gene column ('' = None)."""
+  if (manifest.get("layer") or None, manifest.get("gene_column") or None) != (
+      layer or None, gene_column or None):
+    raise DataError(f"the corpus manifest was written for layer {manifest.get('layer')!r} and gene "
+                    f"column {manifest.get('gene_column')!r}, the config asks for {layer!r} / "
+                    f"{gene_column!r}; rewrite it (`gil-jax corpus DIR --layer ...`) or fix "
+                    "config.data.layer / config.data.gene_column.")
+
+
 def open_corpus(paths: Sequence[str], *, layer: str | None = None,
                 gene_column: str | None = None, require_counts: bool = False,
                 obs_columns: Sequence[str] | None = None, manifest: dict | None = None,
@@ -492,12 +502,8 @@ def open_corpus(paths: Sequence[str], *, layer: str | None = None,
   """One lazy `CellData` over `paths` (module doc). With `manifest` (from `read_manifest`), its
   cached statistics replace the validating pass and its layer must be the one asked for; with
   `use_pack` and a pack in the manifest, rows are read from the pack (`PackedRows`)."""
-  if manifest is not None and (manifest.get("layer") != layer
-                               or manifest.get("gene_column") != gene_column):
-    raise DataError(f"the corpus manifest was written for layer {manifest.get('layer')!r} and gene "
-                    f"column {manifest.get('gene_column')!r}, the config asks for {layer!r} / "
-                    f"{gene_column!r}; rewrite it (`gil-jax corpus DIR --layer ...`) or fix "
-                    "config.data.layer / config.data.gene_column.")
+  if manifest is not None:
+    check_manifest_reads(manifest, layer, gene_column)
   scans = [f["scan"] for f in manifest["files"]] if manifest else [None] * len(paths)
   datas = []
   for path, scan in zip(tqdm(paths, desc="opening corpus", unit="file",
