@@ -222,3 +222,20 @@ def test_cell_rank_values_ignore_how_a_study_normalised():
     assert np.all((v[:, None] < v[None, :]) == (w[:, None] < w[None, :]))  # order kept
   with pytest.raises(Exception, match="value_scale"):
     batching.BatchSpec(batch_size=4, n_tokens=8, value_scale="zscore")
+
+
+def test_top_n_picks_each_cells_largest_keys_even_with_ties():
+  from gil_jax.data.batching import _segment_count, _top_n
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    counts = rng.integers(0, 300, rng.integers(1, 20))
+    n = int(rng.integers(1, 150))
+    owner = np.repeat(np.arange(len(counts)), counts)
+    # few distinct values -> many ties at each cell's boundary; or continuous keys
+    keys = (rng.integers(0, 4, counts.sum()) if trial % 2 else rng.random(counts.sum())
+            ).astype(np.float32)
+    sel = _top_n(keys, counts, n, owner)
+    np.testing.assert_array_equal(_segment_count(sel, counts), np.minimum(counts, n))
+    for c in np.flatnonzero(counts > n):
+      seg, chosen = keys[owner == c], sel[owner == c]
+      assert seg[chosen].min() >= seg[~chosen].max()  # no unchosen key beats a chosen one

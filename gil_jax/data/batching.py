@@ -118,16 +118,33 @@ def _segment_starts(counts: np.ndarray) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def _top_n(keys: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
-  """bool[len(keys)]: in each contiguous cell segment, the entries with the n largest keys (all
-  entries of cells with at most n). A loop over the over-full cells: cost ~ their entries."""
-  sel = np.ones(len(keys), bool)
+def _segment_count(mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """int64 per contiguous segment (lengths `counts`): its number of True entries of `mask`
+  (an order of magnitude faster than a weighted `np.bincount`)."""
+  out = np.zeros(len(counts), np.int64)
+  nonempty = counts > 0
+  out[nonempty] = np.add.reduceat(mask.view(np.uint8), _segment_starts(counts)[nonempty],
+                                  dtype=np.int64)
+  return out
+
+
+def _top_n(keys: np.ndarray, counts: np.ndarray, n: int, owner: np.ndarray) -> np.ndarray:
+  """bool[len(keys)]: in each contiguous cell segment (`owner`: each entry's cell), the entries
+  with the n largest keys (all entries of cells with at most n). Per over-full cell its n-th
+  largest key (`np.partition`, ~1.5x faster than `argpartition` here), then one vectorised
+  comparison; a cell whose keys tie at that boundary takes `argpartition`'s choice, so the
+  result is the same on either path."""
   starts = _segment_starts(counts)
-  for c in np.flatnonzero(counts > n):
-    s0, e0 = starts[c], starts[c] + counts[c]
-    seg = sel[s0:e0]
+  big = np.flatnonzero(counts > n)
+  threshold = np.full(len(counts), -np.inf, keys.dtype)
+  threshold[big] = [np.partition(keys[s0:s0 + m], m - n)[m - n]
+                    for s0, m in zip(starts[big].tolist(), counts[big].tolist())]
+  sel = keys >= threshold[owner]
+  for c in big[_segment_count(sel, counts)[big] > n].tolist():
+    s0, m = int(starts[c]), int(counts[c])
+    seg = sel[s0:s0 + m]
     seg[:] = False
-    seg[np.argpartition(keys[s0:e0], counts[c] - n)[counts[c] - n:]] = True
+    seg[np.argpartition(keys[s0:s0 + m], m - n)[m - n:]] = True
   return sel
 
 
@@ -177,9 +194,10 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
   norm = spec.normalisation
   if spec.min_value > 0:
     keep &= normalise(raw, sf[owner], norm) >= spec.min_value
+  counts = np.asarray(row_nnz, np.int64)
   if not keep.all():
     owner, cols, raw = owner[keep], cols[keep], raw[keep]
-  counts = np.bincount(owner, minlength=nc)
+    counts = _segment_count(keep, counts)
 
   if spec.value_scale == "cell_rank":  # quantile ranks among all the cell's kept genes
     by = np.lexsort((raw, owner))
@@ -212,7 +230,7 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
       went = np.flatnonzero(weighted[owner])
       ow = owner[went]
       keys[went] = np.log(keys[went]) / (normalise(raw[went], sf[ow], norm) - vmin[ow] + 1e-5)
-    sel = np.flatnonzero(_top_n(keys, counts, N))  # ~N per cell of ~10N: index, not mask
+    sel = np.flatnonzero(_top_n(keys, counts, N, owner))  # ~N per cell of ~10N: index, not mask
     owner, cols, raw = owner[sel], cols[sel], raw[sel]
     if spec.value_scale == "cell_rank":
       quantile = quantile[sel]
@@ -243,27 +261,26 @@ def make_batch(data: CellData, cells: np.ndarray, columns_to_rows: np.ndarray, s
     u = hash_uniform(mask_seed, cells[owner], cols, 0)
   pred = u < spec.mask_ratio
   starts = _segment_starts(counts)
-  n_pred = np.bincount(owner, weights=pred, minlength=nc).astype(np.int64)
+  n_pred = _segment_count(pred, counts)
   # cells with no pred get the token with the smallest u; cells with all pred lose the largest.
   for c in np.flatnonzero((counts >= 2) & ((n_pred == 0) | (n_pred == counts))):
     s0 = starts[c]
     seg = u[s0:s0 + counts[c]]
     j = s0 + (int(np.argmin(seg)) if n_pred[c] == 0 else int(np.argmax(seg)))
     pred[j] = not pred[j]
-  pos = np.arange(len(vals)) - starts[owner]
+  flat = owner * N + (np.arange(len(vals)) - starts[owner])  # (cell, position) in [B * N]
 
-  gene_ids = np.zeros((B, N), np.int32)
-  values = np.zeros((B, N), np.float32)
-  targets = np.zeros((B, N), np.float32)
-  cnt = np.zeros((B, N), np.float32)
-  token_mask = np.zeros((B, N), bool)
-  pred_mask = np.zeros((B, N), bool)
-  gene_ids[owner, pos] = c2r[cols]
-  targets[owner, pos] = vals
-  values[owner, pos] = np.where(pred, 0.0, vals)
-  cnt[owner, pos] = raw
-  token_mask[owner, pos] = True
-  pred_mask[owner, pos] = pred
+  def scatter(dtype, entries) -> np.ndarray:
+    out = np.zeros(B * N, dtype)
+    out[flat] = entries
+    return out.reshape(B, N)
+
+  gene_ids = scatter(np.int32, c2r[cols])
+  targets = scatter(np.float32, vals)
+  values = scatter(np.float32, np.where(pred, np.float32(0), vals))
+  cnt = scatter(np.float32, raw)
+  token_mask = scatter(bool, True)
+  pred_mask = scatter(bool, pred)
   size_factors = np.ones(B, np.float32)
   size_factors[:nc] = sf
   cell_mask = np.zeros(B, bool)
