@@ -139,15 +139,18 @@ def _at_reference_depth(data: CellData) -> CellData:
 
 
 def read_source(name: str, src: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                label_map: dict, drop: set[str]) -> tuple[CellData, np.ndarray]:
-  """One source as (normalised CellData, harmonised labels); bad labels raise clear errors."""
+                label_map: dict, drop: set[str], scans: dict | None = None
+                ) -> tuple[CellData, np.ndarray]:
+  """One source as (normalised CellData, harmonised labels); bad labels raise clear errors.
+  `scans` (`manifest_scans`): cached validating passes by (path, layer, gene column)."""
   path = resolve_path(src.file, config.data.data_dir)
   col = src.get("label_column", "") or config.data.label_column
   layer, gene_column = src.get("layer", "") or None, src.get("gene_column", "") or None
   if config.data.lazy:  # rows stay on disk; only the label and split columns are read
+    scan = (scans or {}).get((os.path.abspath(path), layer, gene_column))
     data = pipeline.open_lazy_h5ad(path, name=name, layer=layer, gene_column=gene_column,
                                    obs_columns=[c for c in (col, src.get("split_column", ""))
-                                                if c])
+                                                if c], scan=scan)
   else:
     data = anndata_io.read_h5ad(path, layer=layer, gene_column=gene_column, name=name)
   if not col or col not in data.obs.columns:
@@ -250,6 +253,20 @@ def corpus_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return ml_collections.ConfigDict(sources)
 
 
+def manifest_scans(config: ml_collections.ConfigDict) -> dict:
+  """{(file path, layer, gene column): its validating pass cached in a corpus manifest} for
+  the corpus config.data.files names (lazily read sources only; {} otherwise), so that sources
+  from a corpus are opened without reading their values again. The manifest is verified
+  first: a file changed since is refused with the fix."""
+  if not config.data.lazy or not as_names(config.data.files):
+    return {}
+  _, manifest = corpus.expand_files(as_names(config.data.files), config.data.data_dir)
+  if manifest is None:
+    return {}
+  layer, gene_column = manifest.get("layer") or None, manifest.get("gene_column") or None
+  return {(f["abspath"], layer, gene_column): f["scan"] for f in manifest["files"]}
+
+
 def source_names(c: ml_collections.ConfigDict) -> list[str]:
   """The sources in the order their cells are stacked: config.canal.source_order, then any
   others in name order."""
@@ -274,9 +291,10 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
     raise DataError(f"config.canal.test_only names unknown sources {unknown}; known: "
                     f"{list(c.sources)}")
   names = source_names(c)
+  scans = manifest_scans(config)
   datas, labs = [], []
   for name in names:
-    d, l = read_source(name, c.sources[name], config, label_map, drop)
+    d, l = read_source(name, c.sources[name], config, label_map, drop, scans)
     datas.append(d)
     labs.append(l)
   data = datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(names))
