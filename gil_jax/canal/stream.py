@@ -147,7 +147,7 @@ def read_source(name: str, src: ml_collections.ConfigDict, config: ml_collection
   col = src.get("label_column", "") or config.data.label_column
   layer, gene_column = src.get("layer", "") or None, src.get("gene_column", "") or None
   if config.data.lazy:  # rows stay on disk; only the label and split columns are read
-    scan = (scans or {}).get((os.path.abspath(path), layer, gene_column))
+    scan = (scans or {}).get((os.path.realpath(path), layer, gene_column))
     data = pipeline.open_lazy_h5ad(path, name=name, layer=layer, gene_column=gene_column,
                                    obs_columns=[c for c in (col, src.get("split_column", ""))
                                                 if c], scan=scan)
@@ -257,14 +257,20 @@ def manifest_scans(config: ml_collections.ConfigDict) -> dict:
   """{(file path, layer, gene column): its validating pass cached in a corpus manifest} for
   the corpus config.data.files names (lazily read sources only; {} otherwise), so that sources
   from a corpus are opened without reading their values again. The manifest is verified
-  first: a file changed since is refused with the fix."""
+  first; a file changed since gets no cached pass (a corpus whose files become the sources is
+  refused with the fix by `corpus_sources`, and a resumed run by its data fingerprint)."""
   if not config.data.lazy or not as_names(config.data.files):
     return {}
-  _, manifest = corpus.expand_files(as_names(config.data.files), config.data.data_dir)
+  try:
+    _, manifest = corpus.expand_files(as_names(config.data.files), config.data.data_dir)
+  except DataError as e:  # sources listed beside a stale corpus: they are scanned instead
+    log.warning("config.data.files: its corpus manifest is not used for the sources: %s", e)
+    return {}
   if manifest is None:
     return {}
   layer, gene_column = manifest.get("layer") or None, manifest.get("gene_column") or None
-  return {(f["abspath"], layer, gene_column): f["scan"] for f in manifest["files"]}
+  return {(os.path.realpath(f["abspath"]), layer, gene_column): f["scan"]
+          for f in manifest["files"]}
 
 
 def source_names(c: ml_collections.ConfigDict) -> list[str]:

@@ -139,7 +139,7 @@ def _top_n(keys: np.ndarray, counts: np.ndarray, n: int, owner: np.ndarray) -> n
   threshold = np.full(len(counts), -np.inf, keys.dtype)
   threshold[big] = [np.partition(keys[s0:s0 + m], m - n)[m - n]
                     for s0, m in zip(starts[big].tolist(), counts[big].tolist())]
-  sel = keys >= threshold[owner]
+  sel = ~(keys < threshold[owner])  # NaN keys or threshold: select, then the fallback
   for c in big[_segment_count(sel, counts)[big] > n].tolist():
     s0, m = int(starts[c]), int(counts[c])
     seg = sel[s0:s0 + m]
