@@ -20,7 +20,9 @@ annbatch (scverse's loader) needs Python >= 3.12; this project runs 3.11, so
 `pip install "annbatch[zarrs]" jax flax`; the corpus is converted once to `--annbatch-collection`,
 not timed) and merges its JSON: annbatch's loader alone (rows) and with this project's
 tokenisation of its batches (device-ready `Batch`es, `annbatch_cells_per_s`), and the ratio.
-Peak RSS of this process and of the worker processes is reported (ru_maxrss).
+Peak RSS of this process and of the worker processes is reported (ru_maxrss), and per loader the
+CPU time per batch of this process and of its workers over the timed steps (Linux `/proc`),
+with the cores they used.
 """
 
 from __future__ import annotations
@@ -46,12 +48,23 @@ from gil_jax import parallel  # noqa: E402
 from gil_jax.data import batching, corpus, loader  # noqa: E402
 
 
-def _time_loader(make, steps: int, workers: int, put, warmup: int) -> tuple[float, float]:
-  """(first-batch seconds, cells/s over `steps` steps after `warmup` untimed ones). The warm-up
-  covers the worker processes' start (a spawned worker imports jax and reopens the corpus,
-  ~2.5 s here) and fills the prefetch queues, so the rate is the steady state. Cells are counted on the
-  host side of `put` (reading a device array back per batch would time the transfer back too);
-  the last batch is waited for."""
+def _cpu_seconds(pid: int) -> float | None:
+  """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _time_loader(make, steps: int, workers: int, put, warmup: int) -> dict:
+  """{first_batch_s, cells_per_s, and CPU ms per batch of this process and of the workers} over
+  `steps` steps after `warmup` untimed ones. The warm-up covers the worker processes' start (a
+  spawned worker imports jax and reopens the corpus, ~2.5 s here) and fills the prefetch
+  queues, so the rate and the CPU times are the steady state (process start-up excluded). Cells
+  are counted on the host side of `put` (reading a device array back per batch would time the
+  transfer back too); the last batch is waited for."""
   counted = []
 
   def put_and_count(sb):
@@ -67,11 +80,20 @@ def _time_loader(make, steps: int, workers: int, put, warmup: int) -> tuple[floa
     for _ in range(warmup - 1):
       _, b = next(it)
     jax.block_until_ready(b.values)
+    pids = [os.getpid(), *it.worker_pids()]
+    cpu0 = [_cpu_seconds(p) for p in pids]
     t = time.perf_counter()
     for _, b in it:
       pass
     jax.block_until_ready(b.values)
-  return first, sum(counted[warmup:]) / (time.perf_counter() - t)
+    dt = time.perf_counter() - t
+    cpu = [None if a is None else _cpu_seconds(p) - a for p, a in zip(pids, cpu0)]
+  out = {"first_batch_s": round(first, 2), "cells_per_s": round(sum(counted[warmup:]) / dt, 1)}
+  if None not in cpu:
+    out["main_cpu_ms_per_batch"] = round(cpu[0] / steps * 1e3, 3)
+    out["workers_cpu_ms_per_batch"] = round(sum(cpu[1:]) / steps * 1e3, 3)
+    out["cores_used"] = round(sum(cpu) / dt, 2)
+  return out
 
 
 def _anndata_backed(files: list[str], rows_per_step: list[np.ndarray]) -> float:
@@ -153,16 +175,15 @@ def run(args) -> dict:
   out["rows_from"] = "pack" if isinstance(data.X, corpus.PackedRows) else "files"
   workers = [int(x) for x in args.workers.split(",")]
   for w in workers:
-    first, rate = _time_loader(make, args.steps, w, put, args.warmup)
-    out[f"workers{w}_first_batch_s"] = round(first, 2)
-    out[f"workers{w}_cells_per_s"] = round(rate, 1)
+    out.update({f"workers{w}_{k}": v
+                for k, v in _time_loader(make, args.steps, w, put, args.warmup).items()})
   best = max(v for k, v in out.items() if k.endswith("_cells_per_s"))
   if out["rows_from"] == "pack":  # the same batches read from the .h5ad files, side by side
     plain = corpus.open_corpus(files, manifest=manifest, progress=False, use_pack=False)
     make_files = dataclasses.replace(make, data=plain)
     w = max(workers)
-    out[f"files_workers{w}_cells_per_s"] = round(
-        _time_loader(make_files, args.steps, w, put, args.warmup)[1], 1)
+    out[f"files_workers{w}_cells_per_s"] = _time_loader(make_files, args.steps, w, put,
+                                                        args.warmup)["cells_per_s"]
     out["ratio_pack_to_files"] = round(out[f"workers{w}_cells_per_s"]
                                        / out[f"files_workers{w}_cells_per_s"], 2)
   order = batching.epoch_order(np.arange(data.n_cells), 0, 0, 0, args.block)  # the loader's

@@ -124,6 +124,8 @@ def test_loader_gives_the_steps_batches_in_order_for_any_worker_count(shards, wo
   with loader.StepIterator(make, 3, 10, workers=workers, group=4,
                            post=lambda sb: (sb[0] * 10, sb[1])) as it:
     got = list(it)
+    pids = it.worker_pids()  # the benchmark reads their CPU times
+  assert len(pids) == workers and os.getpid() not in pids
   assert [s for s, _ in got] == [10 * s for s in range(3, 13)]   # a resume at step 3
   for s, b in got:
     _assert_same_batch(b, make(s // 10)[1])

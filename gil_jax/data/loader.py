@@ -131,6 +131,10 @@ class StepIterator:
       raise StopIteration
     return self._ready.popleft().result()
 
+  def worker_pids(self) -> list[int]:
+    """Process ids of the worker processes started so far ([] with workers=0)."""
+    return list(getattr(self._pool, "_processes", None) or {})
+
   def close(self) -> None:
     """Stops the threads and worker processes (pending work is cancelled)."""
     if self._pool is not None:
