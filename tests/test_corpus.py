@@ -151,6 +151,22 @@ def test_loader_raises_a_build_error_when_its_step_is_due(workers):
       next(it)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_raises_a_post_error_when_its_step_is_due(workers):
+  # posted a whole group at a time, but the steps before the bad one still arrive first
+  def post(s):
+    if s == 5:
+      raise ValueError("bad device batch 5")
+    return -s
+  with loader.StepIterator(_FailsAt(-1), 0, 9, workers=workers, group=4, prefetch=2,
+                           post=post) as it:
+    assert [next(it) for _ in range(5)] == [0, -1, -2, -3, -4]
+    with pytest.raises(ValueError, match="bad device batch 5"):
+      next(it)
+    with pytest.raises(StopIteration):  # nothing after a failed step
+      next(it)
+
+
 def test_loader_reraises_a_batch_error():
   def make(step):
     if step == 2:
