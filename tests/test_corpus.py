@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from gil_jax import cli
+from gil_jax.canal import stream
 from gil_jax.data import anndata_io, batching, corpus, loader, pipeline, simulate
 from gil_jax.data.anndata_io import DataError
 from gil_jax.tasks import gil
@@ -407,6 +408,29 @@ def test_annotation_from_lazily_read_sources_equals_in_memory(tmp_path):
   c.canal.gene_panel = path
   with pytest.raises(DataError, match="gene_panel needs the sources in memory"):
     annotation.train_annotation(c, str(tmp_path / "panel"), progress_bar=False)
+
+
+def test_annotation_from_a_packed_corpus_reads_the_pack_and_equals_the_files(packed, tmp_path,
+                                                                           monkeypatch):
+  from gil_jax.tasks import annotation  # noqa: PLC0415
+  from tests.helpers import tiny_canal_config  # noqa: PLC0415
+  got = []
+  for use_pack in (False, True):
+    c = tiny_canal_config(os.path.join(packed, "shard0.h5ad"))
+    c.canal.sources = {}
+    c.data.update(files=(packed,), label_column="cell_type", lazy=True, use_pack=use_pack)
+    with monkeypatch.context() as m:
+      if use_pack:  # (a shard with explicit zeros, a duplicate entry and a cell without counts)
+        m.setattr(pipeline.LazyCSRRows, "read", lambda *a: pytest.fail("read from a file"))
+      got.append(annotation.train_annotation(c, str(tmp_path / str(use_pack)),
+                                             progress_bar=False))
+  assert _drop_timings(got[0]) == _drop_timings(got[1])
+  files, manifest = corpus.expand_files([packed], ".")
+  c.canal.sources = stream.corpus_sources(c)
+  c.canal.source_order = ("shard3", "shard0")  # another gene order: the files are read
+  with monkeypatch.context() as m:
+    m.setattr(corpus.PackedRows, "read", lambda *a: pytest.fail("read from the pack"))
+    assert not isinstance(stream.build_stream(c).data.X, corpus.PackedRows)
 
 
 def test_annotation_from_a_labelled_corpus_equals_the_same_sources_listed(shards, tmp_path,

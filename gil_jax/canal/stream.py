@@ -253,19 +253,23 @@ def corpus_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return ml_collections.ConfigDict(sources)
 
 
-def manifest_scans(config: ml_collections.ConfigDict) -> dict:
-  """{(file path, layer, gene column): its validating pass cached in a corpus manifest} for
-  the corpus config.data.files names (lazily read sources only; {} otherwise), so that sources
-  from a corpus are opened without reading their values again. The manifest is verified
-  first; a file changed since gets no cached pass (a corpus whose files become the sources is
-  refused with the fix by `corpus_sources`, and a resumed run by its data fingerprint)."""
+def sources_manifest(config: ml_collections.ConfigDict) -> dict | None:
+  """The corpus manifest of config.data.files, verified, for lazily read sources (None when
+  there is none, the sources are read into memory, or it no longer matches its files: a
+  corpus whose files become the sources is then refused with the fix by `corpus_sources`, and
+  a resumed run by its data fingerprint)."""
   if not config.data.lazy or not as_names(config.data.files):
-    return {}
+    return None
   try:
-    _, manifest = corpus.expand_files(as_names(config.data.files), config.data.data_dir)
-  except DataError as e:  # sources listed beside a stale corpus: they are scanned instead
+    return corpus.expand_files(as_names(config.data.files), config.data.data_dir)[1]
+  except DataError as e:  # sources listed beside a stale corpus: they are read as files
     log.warning("config.data.files: its corpus manifest is not used for the sources: %s", e)
-    return {}
+    return None
+
+
+def manifest_scans(manifest: dict | None) -> dict:
+  """{(file path, layer, gene column): its validating pass cached in the manifest}, so that
+  sources from a corpus are opened without reading their values again ({} without one)."""
   if manifest is None:
     return {}
   layer, gene_column = manifest.get("layer") or None, manifest.get("gene_column") or None
@@ -297,13 +301,16 @@ def build_stream(config: ml_collections.ConfigDict) -> Stream:
     raise DataError(f"config.canal.test_only names unknown sources {unknown}; known: "
                     f"{list(c.sources)}")
   names = source_names(c)
-  scans = manifest_scans(config)
+  manifest = sources_manifest(config)
+  scans = manifest_scans(manifest)
   datas, labs = [], []
   for name in names:
     d, l = read_source(name, c.sources[name], config, label_map, drop, scans)
     datas.append(d)
     labs.append(l)
   data = datas[0] if len(datas) == 1 else anndata_io.concat(datas, name="+".join(names))
+  if manifest is not None and config.data.get("use_pack", True):  # rows from its pack, if any
+    data = corpus.pack_view(data, manifest)
   labels = np.concatenate(labs)
   if c.get("gene_panel", ""):
     data = restrict_to_panel(data, c.gene_panel, int(c.min_shared_genes))

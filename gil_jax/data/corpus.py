@@ -27,6 +27,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,9 +38,10 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from gil_jax import integrity
-from gil_jax.data import anndata_io, pipeline
+from gil_jax.data import anndata_io, batching, pipeline
 from gil_jax.data.anndata_io import CellData, DataError, ValueStats
 
+log = logging.getLogger("gil_jax")
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gil_jax.corpus/1"
 PACK_ARRAYS = {"indptr": "indptr.npy", "indices": "indices.i32", "values": "values.f32"}
@@ -287,10 +289,14 @@ class PackedRows:
   files' `LazyCorpusRows`, in the process that opened the corpus). Picklable: a loader worker
   gets the pack's files reopened and no .h5ad file (it only reads rows)."""
 
-  def __init__(self, folder: str, stats: LazyCorpusRows, fix: str):
+  def __init__(self, folder: str, stats, fix: str, rows: np.ndarray | None = None,
+               normalisation: str = "none", size_factors: np.ndarray | None = None):
     self.folder, self.stats, self.fix = folder, stats, fix
     self.indptr = np.load(os.path.join(folder, PACK_ARRAYS["indptr"]))
     self.n_cols, self._nnz = stats.shape[1], stats.nnz
+    # a view (`pack_view`): row i is pack row rows[i], its values normalised on read with
+    # size factor size_factors[i] (`batching.normalise`), as the files' readers return them
+    self.rows, self.normalisation, self.size_factors = rows, normalisation, size_factors
     self._open()
 
   def _open(self) -> None:
@@ -300,11 +306,11 @@ class PackedRows:
 
   @property
   def shape(self) -> tuple[int, int]:
-    return (len(self.indptr) - 1, self.n_cols)
+    return (len(self.indptr) - 1 if self.rows is None else len(self.rows), self.n_cols)
 
   @property
   def nnz(self) -> int:
-    """Stored entries of the files (as `LazyCorpusRows.nnz`, explicit zeros included)."""
+    """Stored entries of the files' rows (as `LazyCorpusRows.nnz`, explicit zeros included)."""
     return self._nnz
 
   def _pread(self, key: str, out: np.ndarray, first: int) -> None:
@@ -321,7 +327,8 @@ class PackedRows:
     """(entries per row int64, column int32, value float32) of `rows`, in the order given (CSR
     without the matrix object): each run of rows that follow each other in the pack is read
     straight into its place in the output (one read per array)."""
-    rows = np.asarray(rows, np.int64).reshape(-1)
+    asked = np.asarray(rows, np.int64).reshape(-1)
+    rows = asked if self.rows is None else self.rows[asked]
     starts, ends = self.indptr[rows], self.indptr[rows + 1]
     if not len(rows):
       return ends - starts, np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -332,7 +339,12 @@ class PackedRows:
     for a, b, o in zip(lo.tolist(), hi.tolist(), at.tolist()):
       self._pread("indices", idx[o:o + b - a], a)
       self._pread("values", val[o:o + b - a], a)
-    return ends - starts, idx, val
+    counts = ends - starts
+    if self.normalisation != "none":  # the arithmetic of `LazyCSRRows.read`
+      sf = (np.repeat(self.size_factors[asked], counts)
+            if self.normalisation == "log1p_cp10k" else None)
+      val = batching.normalise(val, sf, self.normalisation)
+    return counts, idx, val
 
   def __getitem__(self, rows) -> sp.csr_matrix:
     counts, idx, val = self.read(rows)
@@ -439,8 +451,8 @@ def write_pack(manifest_path: str, *, chunk_cells: int = 4096, progress: bool = 
   return read_manifest(manifest_path, verify=False)
 
 
-def _open_pack(manifest: dict, data: CellData) -> PackedRows:
-  """The manifest's pack, checked against its record and the corpus just opened."""
+def _checked_pack(manifest: dict) -> tuple[str, str]:
+  """(folder, fix) of the manifest's pack, its format and files checked against its record."""
   pack = manifest["pack"]
   folder = os.path.join(os.path.dirname(manifest["abspath"]), pack["folder"])
   fix = (f"rewrite it ({_corpus_command(manifest, pack=True)}) or read the files instead "
@@ -456,6 +468,13 @@ def _open_pack(manifest: dict, data: CellData) -> PackedRows:
     if (fp["size"], fp["sampled_checksum"]) != (pack["arrays"][k]["size"],
                                                 pack["arrays"][k]["sampled_checksum"]):
       raise DataError(f"the corpus pack file {path} changed since it was written; {fix}.")
+  return folder, fix
+
+
+def _open_pack(manifest: dict, data: CellData) -> PackedRows:
+  """The manifest's pack, checked against its record and the corpus just opened."""
+  pack = manifest["pack"]
+  folder, fix = _checked_pack(manifest)
   if (pack["cells"], pack["genes"]) != (data.n_cells, data.n_genes):
     raise DataError(f"the corpus pack {folder} holds {pack['cells']} cells x {pack['genes']} genes, "
                     f"not the {data.n_cells} x {data.n_genes} of its files; {fix}.")
@@ -516,6 +535,52 @@ def open_corpus(paths: Sequence[str], *, layer: str | None = None,
   if use_pack and manifest is not None and manifest.get("pack") and len(datas) > 1:
     data = dataclasses.replace(data, X=_open_pack(manifest, data))
   return data
+
+
+def pack_view(data: CellData, manifest: dict) -> CellData:
+  """`data` with its rows read from the corpus pack, or `data` unchanged (logged) when the pack
+  does not hold them in the same form. `data`: lazily read files of the manifest's corpus,
+  stacked by `anndata_io.concat` (e.g. annotation sources, each file one source, their rows
+  selected and normalised on read). The view reads the same values: its rows map to the
+  pack's rows of the same cells and are normalised with the same size factors; it needs the
+  same union gene order (the files in the manifest's order) and one normalisation."""
+  X = data.X
+  parts = X.parts if isinstance(X, LazyCorpusRows) else [X]
+  if not manifest.get("pack") or not all(isinstance(p, pipeline.LazyCSRRows) for p in parts):
+    return data
+  why, key = None, "layers/" + manifest["layer"] if manifest.get("layer") else "X"
+  if any(p.key != key for p in parts):
+    why = f"its files are read from another matrix than the pack's ({key})"
+  elif integrity.ids_hash(data.gene_ids) != manifest["pack"]["genes_checksum"]:
+    why = "its files are not the corpus's files in the manifest's order (another gene order)"
+  elif len({p.normalisation for p in parts}) != 1:
+    why = "its files are normalised differently"
+  if why:
+    log.info("rows are read from the files, not from the corpus pack: %s", why)
+    return data
+  index = {os.path.realpath(f["abspath"]): k for k, f in enumerate(manifest["files"])}
+  first = np.r_[0, np.cumsum([f["cells_used"] for f in manifest["files"]])]
+  rows, factors = [], []
+  for p in parts:
+    k = index.get(os.path.realpath(p.path))
+    if k is None:
+      log.info("rows are read from the files, not from the corpus pack: %s is not one of its "
+               "files", p.path)
+      return data
+    kept = np.flatnonzero(manifest["files"][k]["scan"].row_sums > 0)  # the pack's rows of it
+    file_rows = np.arange(p.shape[0]) if p._rows is None else p._rows
+    at = np.minimum(np.searchsorted(kept, file_rows), len(kept) - 1)
+    if len(kept) == 0 or np.any(kept[at] != file_rows):
+      log.info("rows are read from the files, not from the corpus pack: %s has rows the pack "
+               "does not hold", p.path)
+      return data
+    rows.append(first[k] + at)
+    if p.normalisation != "none":
+      factors.append(p._file_size_factors[file_rows])
+  folder, fix = _checked_pack(manifest)
+  return dataclasses.replace(data, X=PackedRows(
+      folder, X, fix, rows=np.concatenate(rows), normalisation=parts[0].normalisation,
+      size_factors=np.concatenate(factors) if factors else None))
 
 
 def summary(manifest: dict) -> dict:
