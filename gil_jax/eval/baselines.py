@@ -40,7 +40,7 @@ def _check(x_train, y_train, x_test) -> tuple[np.ndarray, np.ndarray, np.ndarray
     raise ValueError(f"{len(y_train)} labels for {len(x_train)} training cells.")
   if len(np.unique(y_train)) < 2:
     raise ValueError("a baseline classifier needs at least 2 cell types in the training cells.")
-  return x_train.astype(np.float32), y_train, x_test.astype(np.float32)
+  return x_train.astype(np.float32, copy=False), y_train, x_test.astype(np.float32, copy=False)
 
 
 def logistic_regression_baseline(x_train, y_train, x_test, *, c: float = 1.0,
