@@ -62,7 +62,9 @@ def _time_loader(make, steps: int, workers: int, put, warmup: int) -> dict:
   """{first_batch_s, cells_per_s, and CPU ms per batch of this process and of the workers} over
   `steps` steps after `warmup` untimed ones. The warm-up covers the worker processes' start (a
   spawned worker imports jax and reopens the corpus, ~2.5 s here) and fills the prefetch
-  queues, so the rate and the CPU times are the steady state (process start-up excluded). Cells
+  queues, so the rate and the CPU times are the steady state (process start-up excluded; the
+  batches built ahead before the timed steps start, up to (W * prefetch + 1) groups, count in
+  the rate but not in the CPU times, which can therefore read up to ~7 % low). Cells
   are counted on the host side of `put` (reading a device array back per batch would time the
   transfer back too); the last batch is waited for."""
   counted = []
@@ -87,7 +89,8 @@ def _time_loader(make, steps: int, workers: int, put, warmup: int) -> dict:
       pass
     jax.block_until_ready(b.values)
     dt = time.perf_counter() - t
-    cpu = [None if a is None else _cpu_seconds(p) - a for p, a in zip(pids, cpu0)]
+    cpu1 = [_cpu_seconds(p) for p in pids]
+    cpu = [None if a is None or b is None else b - a for a, b in zip(cpu0, cpu1)]
   out = {"first_batch_s": round(first, 2), "cells_per_s": round(sum(counted[warmup:]) / dt, 1)}
   if None not in cpu:
     out["main_cpu_ms_per_batch"] = round(cpu[0] / steps * 1e3, 3)

@@ -152,6 +152,27 @@ def test_loader_raises_a_build_error_when_its_step_is_due(workers):
       next(it)
 
 
+@dataclasses.dataclass
+class _DiesAt:
+  """A picklable `make` whose worker process dies at step `step`."""
+  step: int
+
+  def __call__(self, s: int) -> int:
+    if s == self.step:
+      os._exit(1)
+    return s
+
+
+def test_loader_raises_a_dead_worker_in_step_order():
+  from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
+  with loader.StepIterator(_DiesAt(5), 0, 40, workers=1, group=2, prefetch=2) as it:
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]  # the groups before the dead one
+    with pytest.raises(BrokenProcessPool):
+      next(it)
+    with pytest.raises(StopIteration):
+      next(it)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_raises_a_post_error_when_its_step_is_due(workers):
   # posted a whole group at a time, but the steps before the bad one still arrive first

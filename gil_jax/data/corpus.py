@@ -543,7 +543,8 @@ def pack_view(data: CellData, manifest: dict) -> CellData:
   stacked by `anndata_io.concat` (e.g. annotation sources, each file one source, their rows
   selected and normalised on read). The view reads the same values: its rows map to the
   pack's rows of the same cells and are normalised with the same size factors; it needs the
-  same union gene order (the files in the manifest's order) and one normalisation."""
+  pack's gene order (e.g. the files in the manifest's order), the pack's matrix and one
+  normalisation. A pack that changed since it was written is refused (`_checked_pack`)."""
   X = data.X
   parts = X.parts if isinstance(X, LazyCorpusRows) else [X]
   if not manifest.get("pack") or not all(isinstance(p, pipeline.LazyCSRRows) for p in parts):

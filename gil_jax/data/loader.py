@@ -6,15 +6,19 @@ maps `make` over the step range, in order: resuming at step s builds exactly the
 uninterrupted run would have built from s on (the checkpointed step is the iterator's whole
 state), and the number of workers never changes a batch.
 
-* ``workers=0``: batches are built in one background thread, ``prefetch`` steps ahead.
+* ``workers=0``: batches are built in one background thread, ``prefetch`` steps ahead (a group
+  is one step).
 * ``workers=W>0``: W spawned processes each build groups of ``group`` consecutive steps (one
   pickled transfer per group), ``W * prefetch`` groups ahead; `make` is sent to each worker once.
 
 In both cases ``post`` (e.g. a sharded ``jax.device_put`` plus a transform's extra inputs) runs
-in one consumer-side thread, a whole group per task (one thread hand-off per group, not per
-step: 0.47-0.52 against 0.58-0.71 ms of main-process CPU per 64-cell batch), at least
-``prefetch`` steps ahead, so host work overlaps the device step. An error raised while building
-or posting step s is raised by ``next`` when step s is due, after the steps before it.
+in one consumer-side thread, a whole group per task (with workers, one thread hand-off per
+group of steps instead of per step: 0.47-0.52 against 0.58-0.71 ms of main-process CPU per
+64-cell batch), at least ``prefetch`` steps ahead, so host work overlaps the device step.
+Posted items alive: the group being consumed plus ceil(prefetch / group) groups ahead (with
+workers, group 8 and prefetch <= 8: up to 15 device batches). An error raised while building
+or posting step s is raised by ``next`` when step s is due, after the steps before it; no work
+is submitted once it has arrived (what is already running finishes, queued work is cancelled).
 
 Why not grain's ``mp_prefetch`` (this module used it until the measurements in the README's
 "Training from a corpus"): on the 2-core hosts of this project its worker processes were busy
@@ -101,7 +105,14 @@ class StepIterator:
   def _fill(self) -> None:
     while True:
       while self._units and len(self._building) < self._ahead:
-        self._building.append(self._submit(self._units.popleft()))
+        unit = self._units.popleft()
+        try:
+          self._building.append(self._submit(unit))
+        except Exception as e:  # noqa: BLE001 (e.g. a dead worker): raised when its step is due
+          failed: cf.Future = cf.Future()
+          failed.set_exception(e)
+          self._building.append(failed)
+          self._units.clear()
       if not self._building or len(self._posting) >= self._post_ahead:
         return
       built = self._building.popleft()
@@ -115,7 +126,9 @@ class StepIterator:
     while not self._current:
       if self._error is not None:
         error, self._error = self._error, None
-        self._units.clear()  # nothing after a failed step (close() cancels what is in flight)
+        self._units.clear()  # nothing after a failed step
+        for f in (*self._building, *self._posting):
+          f.cancel()
         self._building.clear()
         self._posting.clear()
         raise error
@@ -125,7 +138,8 @@ class StepIterator:
       items, self._error = (_post_group(None, fut) if self._post_pool is None
                             else fut.result())
       self._current.extend(items)
-      self._fill()
+      if self._error is None:  # after a failure nothing more is built or posted
+        self._fill()
     return self._current.popleft()
 
   def worker_pids(self) -> list[int]:
