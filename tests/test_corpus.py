@@ -446,7 +446,6 @@ def test_annotation_from_a_packed_corpus_reads_the_pack_and_equals_the_files(pac
       got.append(annotation.train_annotation(c, str(tmp_path / str(use_pack)),
                                              progress_bar=False))
   assert _drop_timings(got[0]) == _drop_timings(got[1])
-  files, manifest = corpus.expand_files([packed], ".")
   c.canal.sources = stream.corpus_sources(c)
   c.canal.source_order = ("shard3", "shard0")  # another gene order: the files are read
   with monkeypatch.context() as m:

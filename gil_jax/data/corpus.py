@@ -38,7 +38,7 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from gil_jax import integrity
-from gil_jax.data import anndata_io, batching, pipeline
+from gil_jax.data import anndata_io, pipeline
 from gil_jax.data.anndata_io import CellData, DataError, ValueStats
 
 log = logging.getLogger("gil_jax")
@@ -340,11 +340,8 @@ class PackedRows:
       self._pread("indices", idx[o:o + b - a], a)
       self._pread("values", val[o:o + b - a], a)
     counts = ends - starts
-    if self.normalisation != "none":  # the arithmetic of `LazyCSRRows.read`
-      sf = (np.repeat(self.size_factors[asked], counts)
-            if self.normalisation == "log1p_cp10k" else None)
-      val = batching.normalise(val, sf, self.normalisation)
-    return counts, idx, val
+    return counts, idx, pipeline.normalise_rows(val, counts, self.size_factors, asked,
+                                                self.normalisation)
 
   def __getitem__(self, rows) -> sp.csr_matrix:
     counts, idx, val = self.read(rows)
@@ -549,7 +546,8 @@ def pack_view(data: CellData, manifest: dict) -> CellData:
   parts = X.parts if isinstance(X, LazyCorpusRows) else [X]
   if not manifest.get("pack") or not all(isinstance(p, pipeline.LazyCSRRows) for p in parts):
     return data
-  why, key = None, "layers/" + manifest["layer"] if manifest.get("layer") else "X"
+  key = f"layers/{manifest['layer']}" if manifest.get("layer") else "X"  # the pack's matrix
+  why = None
   if any(p.key != key for p in parts):
     why = f"its files are read from another matrix than the pack's ({key})"
   elif integrity.ids_hash(data.gene_ids) != manifest["pack"]["genes_checksum"]:

@@ -79,6 +79,17 @@ def row_runs(starts: np.ndarray, ends: np.ndarray, merge_gap: int
   return lo, hi, np.arange(indptr[-1]) + np.repeat(offset - indptr[:-1], counts)
 
 
+def normalise_rows(values: np.ndarray, counts: np.ndarray, size_factors: np.ndarray | None,
+                   rows: np.ndarray, how: str) -> np.ndarray:
+  """Values of rows read as CSR (`counts` entries per row) normalised as the in-memory path does
+  (`batching.normalise`); `size_factors[rows]` are the rows' factors (read by 'log1p_cp10k'
+  only). 'none': `values` unchanged."""
+  if how == "none":
+    return values
+  sf = np.repeat(size_factors[rows], counts) if how == "log1p_cp10k" else None
+  return batching.normalise(values, sf, how)
+
+
 class LazyCSRRows:
   """Row access to an on-disk CSR matrix (an `.h5ad` group with data/indices/indptr).
 
@@ -176,10 +187,7 @@ class LazyCSRRows:
       m.sum_duplicates()
       m.eliminate_zeros()
       counts, idx, data = np.diff(m.indptr).astype(np.int64), m.indices, m.data
-    if self.normalisation != "none":  # the arithmetic of the in-memory normalisation
-      sf = (np.repeat(self._file_size_factors[rows], counts)  # only log1p_cp10k reads them
-            if self.normalisation == "log1p_cp10k" else None)
-      data = batching.normalise(data, sf, self.normalisation)
+    data = normalise_rows(data, counts, self._file_size_factors, rows, self.normalisation)
     return counts, idx, data
 
   def normalise_on_read(self, how: str, size_factors: np.ndarray) -> None:
